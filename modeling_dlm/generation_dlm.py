@@ -1,0 +1,444 @@
+"""Generation for dlm models: generation configs, per-variant `...GenerationMixin`s and one shared sampling loop.
+
+The loop (`DiffusionLMGenerationMixin.generate`) is the only place where the network and the noise process meet at
+inference. It walks the time grid t_k = 1 - k / num_steps from 1 to 0, one network call per step, and asks the
+variant's hooks for the step itself:
+    - uniform state (SDDLM, Duo): ancestral posterior step of `scheduling_uniform` (methods.md §B.4); at the last step
+      either the posterior with alpha_s = 1 (`sampler="ancestral"`) or argmax of x_hat (`sampler="greedy_tail"`).
+    - absorbing state (MDLM): ancestral unmasking with x_hat reused while nothing changed (the caching sampler),
+      since MDLM has no time conditioning.
+    - Gaussian (RePlaid): VDM ancestral step (or `sampler="ddim"`), score temperature, self-conditioning carried
+      across steps, tokens by argmax at the end (methods.md §C.4).
+Temperature, top-k and top-p act on the denoiser's x_hat, never on the posterior (Duo issue #29). Given tokens (a
+prompt prefix, or everything outside `infill_mask`) are clamped after every step and never change.
+
+Differences from the reference loop, on purpose: the reference calls the network `steps` times on a grid ending at
+t = 1e-5 and then once more for noise removal; here the last of the `num_steps` calls does the noise removal, so
+`num_steps` is exactly the number of network calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.utils import ModelOutput
+
+
+logger = logging.getLogger(__name__)
+
+# Keys that stock pipelines pass to every `generate`; they do not apply to diffusion sampling and are ignored.
+_IGNORED_GENERATE_KWARGS = ("do_sample", "num_beams", "use_cache", "output_scores", "output_logits")
+
+
+class DiffusionGenerationConfig(GenerationConfig):
+    r"""Generation settings of a dlm model (saved as `generation_config.json`).
+
+    Args:
+        num_steps: number of denoising steps, i.e. network calls (>= 1).
+        sampler: one of `SAMPLERS` of the class (`"ancestral"`, `"greedy_tail"`; RePlaid: `"ancestral"`, `"ddim"`).
+        show_progress: draw a tqdm bar over the steps (off by default).
+        output_trajectory: with `return_dict_in_generate`, also return the token draft after every step.
+        max_new_tokens, temperature, top_k, top_p, return_dict_in_generate, pad/bos/eos ids: as in transformers.
+    """
+
+    SAMPLERS: tuple[str, ...] = ("ancestral", "greedy_tail")
+    DEFAULT_NUM_STEPS = 128
+    DEFAULT_SAMPLER = "ancestral"
+
+    def __init__(self, **kwargs):
+        self.num_steps = kwargs.pop("num_steps", self.DEFAULT_NUM_STEPS)
+        self.sampler = kwargs.pop("sampler", self.DEFAULT_SAMPLER)
+        self.show_progress = kwargs.pop("show_progress", False)
+        self.output_trajectory = kwargs.pop("output_trajectory", False)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config):
+        # transformers 5.23 compares subclass-only attributes against a plain GenerationConfig and crashes; models
+        # catch NotImplementedError and fall back to `cls()`.
+        raise NotImplementedError
+
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
+        # The base checks target autoregressive decoding flags; dlm validates its own knobs only.
+        def bad(name, allowed):
+            raise ValueError(f"`{name}` must be {allowed}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.num_steps, int) or isinstance(self.num_steps, bool) or self.num_steps < 1:
+            bad("num_steps", "an integer >= 1")
+        if self.sampler not in self.SAMPLERS:
+            bad("sampler", f"one of {self.SAMPLERS}")
+        if self.temperature is not None and not self.temperature > 0:
+            bad("temperature", "> 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1]")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            bad("top_k", "a non-negative integer (0 disables it)")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0):
+            bad("max_new_tokens", "a non-negative integer")
+
+
+class UniformGenerationConfig(DiffusionGenerationConfig):
+    """Uniform-state sampling (SDDLM, Duo): ancestral or greedy-tail."""
+
+
+class SDDLMGenerationConfig(UniformGenerationConfig):
+    pass
+
+
+class DuoGenerationConfig(UniformGenerationConfig):
+    """Duo; distilled checkpoints save few-step greedy-tail defaults (e.g. num_steps=8, sampler="greedy_tail")."""
+
+
+class MDLMGenerationConfig(DiffusionGenerationConfig):
+    pass
+
+
+class RePlaidGenerationConfig(DiffusionGenerationConfig):
+    r"""RePlaid sampling. `score_temperature` (Plaid default 0.9 in its sampler, 1.0 here = plain VDM) divides the
+    predicted noise; `sampler` is `"ancestral"` (VDM/DDPM) or `"ddim"`."""
+
+    SAMPLERS = ("ancestral", "ddim")
+
+    def __init__(self, **kwargs):
+        self.score_temperature = kwargs.pop("score_temperature", 1.0)
+        super().__init__(**kwargs)
+
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
+        super().validate(strict, user_set_attributes)
+        if not self.score_temperature > 0:
+            raise ValueError(f"`score_temperature` must be > 0, got {self.score_temperature!r}")
+
+
+@dataclass
+class DiffusionGenerateOutput(ModelOutput):
+    """`sequences` (B, L) token ids; `trajectory` (num_steps, B, L) drafts if requested; number of network calls."""
+
+    sequences: torch.LongTensor | None = None
+    trajectory: torch.LongTensor | None = None
+    num_forward_passes: int | None = None
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: float | None = None, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
+    """Temperature, top-k and nucleus filtering of (..., V) logits (float32); filtered entries become -inf."""
+    logits = logits.float()
+    if temperature is not None and temperature != 1.0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers' usual installs, but is not required to load a model
+        logger.warning("show_progress=True needs tqdm; continuing without a progress bar")
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False)
+
+
+class DiffusionLMGenerationMixin:
+    """The shared sampling loop. Variant mixins provide `_sampling_init`, `_sampling_step` and `_sampling_tokens`."""
+
+    generation_config_class = DiffusionGenerationConfig
+
+    def adjust_generation_fn(
+        self,
+        generation_config,
+        from_auto_class,
+        from_pipeline,
+        pretrained_model_name_or_path,
+        cache_dir=None,
+        force_download=False,
+        proxies=None,
+        local_files_only=False,
+        token=None,
+        revision=None,
+        subfolder="",
+        trust_remote_code=None,
+        **kwargs,
+    ):
+        """Called by `from_pretrained`: load `generation_config.json` as this model's generation config class."""
+        if generation_config is not None:
+            self.generation_config = self.generation_config_class.from_dict(generation_config.to_dict())
+            return
+        if pretrained_model_name_or_path is None:
+            return
+        try:
+            self.generation_config = self.generation_config_class.from_pretrained(
+                pretrained_model_name_or_path,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                proxies=proxies,
+                local_files_only=local_files_only,
+                token=token,
+                revision=revision,
+                subfolder=subfolder,
+            )
+        except OSError:
+            logger.info("no generation_config.json in %s; using the defaults", pretrained_model_name_or_path)
+
+    # ---- argument checking ------------------------------------------------------------------------------------------
+    def _prepare_canvas(self, input_ids, attention_mask, infill_mask, batch_size, max_new_tokens):
+        """Returns canvas ids (B, L), given-token mask (B, L) and the attention mask (B, L) or None."""
+        config = self.config
+        device = self.device
+        if input_ids is None:
+            if infill_mask is not None:
+                raise ValueError("`infill_mask` needs `input_ids` holding the canvas")
+            batch_size = 1 if batch_size is None else batch_size
+            if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+                raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+            if not max_new_tokens:
+                raise ValueError(f"unconditional generation needs `max_new_tokens` >= 1, got {max_new_tokens!r}")
+            input_ids = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        else:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                raise ValueError(
+                    f"`input_ids` must be a 2-D LongTensor (batch, prompt_len), got "
+                    f"{type(input_ids).__name__} of shape {tuple(getattr(input_ids, 'shape', ()))}"
+                )
+            if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+                raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+            if batch_size is not None and batch_size != input_ids.shape[0]:
+                raise ValueError(f"`batch_size`={batch_size} disagrees with input_ids of batch {input_ids.shape[0]}")
+            input_ids = input_ids.to(device=device, dtype=torch.long)
+        check_token_ids(input_ids, config.vocab_size, "input_ids")
+        B, P = input_ids.shape
+        if infill_mask is not None:
+            if max_new_tokens:
+                raise ValueError("pass either `infill_mask` (positions of input_ids to fill) or `max_new_tokens`")
+            infill_mask = torch.as_tensor(infill_mask, device=device)
+            if infill_mask.shape != input_ids.shape or infill_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"`infill_mask` must be a bool tensor of shape {tuple(input_ids.shape)}, got "
+                    f"{infill_mask.dtype} {tuple(infill_mask.shape)}"
+                )
+            canvas, given = input_ids.clone(), ~infill_mask
+        else:
+            n = max_new_tokens or 0
+            canvas = torch.cat([input_ids, torch.zeros(B, n, dtype=torch.long, device=device)], dim=1)
+            given = torch.zeros_like(canvas, dtype=torch.bool)
+            given[:, :P] = True
+        L = canvas.shape[1]
+        if L > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt length {P} + max_new_tokens {max_new_tokens or 0} = {L} exceeds the model's "
+                f"max_position_embeddings={config.max_position_embeddings}"
+            )
+        if L == 0:
+            raise ValueError("nothing to generate: the canvas is empty")
+        full_mask = None
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask, device=device)
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(
+                    f"`attention_mask` must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                    f"{tuple(attention_mask.shape)}"
+                )
+            full_mask = torch.ones(B, L, dtype=torch.long, device=device)
+            full_mask[:, :P] = attention_mask.long()
+            if bool((full_mask == 1).all()):
+                full_mask = None
+        return canvas, given, full_mask
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        generation_config: DiffusionGenerationConfig | None = None,
+        streamer=None,
+        **kwargs,
+    ) -> torch.LongTensor | DiffusionGenerateOutput:
+        """Sample token ids: (B, prompt_len + max_new_tokens), prompt tokens unchanged.
+
+        Without `input_ids`, `batch_size` and `max_new_tokens` define an unconditional canvas. Keyword arguments
+        update the generation config (`num_steps`, `sampler`, `temperature`, `top_p`, `top_k`, `max_new_tokens`,
+        `return_dict_in_generate`, `output_trajectory`, `show_progress`, ...); `generator` (a torch.Generator) makes
+        sampling reproducible; `infill_mask` (B, L) bool marks positions of `input_ids` to fill instead of appending.
+        A `streamer` receives the prompt via `put`, each step's draft via `put_draft` (if it has it), the final new
+        tokens via `put`, then `end()`.
+        """
+        generator = kwargs.pop("generator", None)
+        batch_size = kwargs.pop("batch_size", None)
+        infill_mask = kwargs.pop("infill_mask", None)
+        for key in _IGNORED_GENERATE_KWARGS:
+            kwargs.pop(key, None)
+        gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        if not hasattr(gen, "num_steps"):  # a plain GenerationConfig: lift it into this model's class
+            gen = self.generation_config_class.from_dict(gen.to_dict())
+        unknown = gen.update(**kwargs)
+        if unknown:
+            raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unknown)}")
+        gen.validate()
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+
+        canvas, given, mask = self._prepare_canvas(input_ids, attention_mask, infill_mask, batch_size,
+                                                   gen.max_new_tokens)
+        B, L = canvas.shape
+        if streamer is not None:
+            if B != 1:
+                raise ValueError(f"streamers support batch size 1 only, got batch size {B}")
+            streamer.put(canvas[:, : (input_ids.shape[1] if input_ids is not None else 0)].cpu())
+
+        was_training = self.training
+        self.eval()
+        try:
+            state = self._sampling_init(canvas, given, mask, gen, generator)
+            ts = torch.linspace(1.0, 0.0, gen.num_steps + 1, dtype=torch.float64, device=canvas.device)
+            trajectory = []
+            draft = canvas
+            for k in _progress(range(gen.num_steps), gen.show_progress, f"{type(self).__name__} sampling"):
+                is_last = k == gen.num_steps - 1
+                state = self._sampling_step(state, ts[k], ts[k + 1], is_last, gen, generator)
+                draft = torch.where(given, canvas, self._sampling_tokens(state))
+                if gen.output_trajectory:
+                    trajectory.append(draft)
+                if streamer is not None and hasattr(streamer, "put_draft"):
+                    streamer.put_draft(draft.cpu())
+        finally:
+            self.train(was_training)
+
+        if streamer is not None:
+            prompt_len = input_ids.shape[1] if (input_ids is not None and infill_mask is None) else 0
+            streamer.put(draft[:, prompt_len:].cpu())
+            streamer.end()
+        if gen.return_dict_in_generate:
+            return DiffusionGenerateOutput(
+                sequences=draft,
+                trajectory=torch.stack(trajectory) if trajectory else None,
+                num_forward_passes=state.get("forward_passes", gen.num_steps),
+            )
+        return draft
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"`{name}` holds token ids outside [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}; "
+            f"does the tokenizer match the checkpoint?"
+        )
+
+
+class UniformGenerationMixin(DiffusionLMGenerationMixin):
+    """Ancestral / greedy-tail sampling of the uniform-state process (SDDLM, Duo)."""
+
+    generation_config_class = UniformGenerationConfig
+
+    def _sampling_init(self, canvas, given, mask, gen, generator):
+        z = self.noise_scheduler.prior_sample(canvas.shape, generator=generator, device=canvas.device)
+        return {"z": torch.where(given, canvas, z), "canvas": canvas, "given": given, "mask": mask}
+
+    def _sampling_step(self, state, t, s, is_last, gen, generator):
+        z = state["z"]
+        B = z.shape[0]
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
+        sigma = (-torch.log(alpha_t)).float().expand(B)
+        logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits  # (B, L, V)
+        x_hat = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p).softmax(-1)
+        if is_last and gen.sampler == "greedy_tail":
+            z = x_hat.argmax(-1)
+        else:
+            z = self.noise_scheduler.step(x_hat, z, alpha_t, alpha_s, generator=generator)
+        state["z"] = torch.where(state["given"], state["canvas"], z)
+        return state
+
+    def _sampling_tokens(self, state):
+        return state["z"]
+
+
+class SDDLMGenerationMixin(UniformGenerationMixin):
+    generation_config_class = SDDLMGenerationConfig
+
+
+class DuoGenerationMixin(UniformGenerationMixin):
+    generation_config_class = DuoGenerationConfig
+
+
+class MDLMGenerationMixin(DiffusionLMGenerationMixin):
+    """Ancestral unmasking for the absorbing process, reusing x_hat while z_t is unchanged (no time conditioning)."""
+
+    generation_config_class = MDLMGenerationConfig
+
+    def _sampling_init(self, canvas, given, mask, gen, generator):
+        z = self.noise_scheduler.prior_sample(canvas.shape, device=canvas.device)
+        return {"z": torch.where(given, canvas, z), "canvas": canvas, "given": given, "mask": mask, "x_hat": None,
+                "forward_passes": 0}
+
+    def _sampling_step(self, state, t, s, is_last, gen, generator):
+        z = state["z"]
+        sched = self.noise_scheduler
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
+        x_hat = state["x_hat"]
+        if x_hat is None or self.config.time_conditioning:
+            sigma = (-torch.log(alpha_t)).float().expand(z.shape[0])
+            logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits
+            logits = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p)
+            x_hat = sched.subs_log_probs(logits, z).exp()  # (B, L, V), no mass on the mask token
+            state["forward_passes"] += 1
+        if is_last and gen.sampler == "greedy_tail":
+            z_s = torch.where(z == sched.mask_token_id, x_hat.argmax(-1), z)
+        else:
+            z_s = sched.step(x_hat, z, alpha_t, alpha_s, generator=generator)
+        z_s = torch.where(state["given"], state["canvas"], z_s)
+        state["x_hat"] = x_hat if torch.equal(z_s, z) else None  # cache valid only while nothing changed
+        state["z"] = z_s
+        return state
+
+    def _sampling_tokens(self, state):
+        return state["z"]
+
+
+class RePlaidGenerationMixin(DiffusionLMGenerationMixin):
+    """VDM ancestral (or DDIM) sampling in embedding space with self-conditioning; tokens by argmax."""
+
+    generation_config_class = RePlaidGenerationConfig
+
+    def _sampling_init(self, canvas, given, mask, gen, generator):
+        z = self.noise_scheduler.prior_sample(canvas.shape, generator=generator, device=canvas.device)
+        return {"z": z, "canvas": canvas, "given": given, "mask": mask, "self_cond": None,
+                "tokens": canvas.clone()}
+
+    def _sampling_step(self, state, t, s, is_last, gen, generator):
+        B = state["z"].shape[0]
+        t_b, s_b = t.expand(B), s.expand(B)
+        gamma_t, _ = self.noise_schedule(t_b)
+        gamma_s, _ = self.noise_schedule(s_b)
+        out = self(noisy_embeds=state["z"], t=t_b.float(), self_cond=state["self_cond"], attention_mask=state["mask"])
+        logits = filter_logits(out.logits, gen.temperature, gen.top_k, gen.top_p)
+        probs = logits.softmax(-1)
+        embeds_hat = probs @ self.normalized_embeddings()  # (B, L, d_e)
+        if self.config.self_conditioning:
+            state["self_cond"] = embeds_hat
+        state["tokens"] = logits.argmax(-1)
+        if not is_last:
+            z_s = self.noise_scheduler.step(
+                embeds_hat, state["z"], gamma_t, gamma_s, score_temperature=gen.score_temperature,
+                ddim=gen.sampler == "ddim", generator=generator,
+            )
+            # clamp given tokens: their latent is the forward-noised true embedding at time s
+            given_z = self.noise_scheduler.add_noise(
+                self.normalized_embeddings()[state["canvas"]], gamma_s, generator=generator
+            )
+            state["z"] = torch.where(state["given"][..., None], given_z, z_s)
+        return state
+
+    def _sampling_tokens(self, state):
+        return state["tokens"]

@@ -1,0 +1,431 @@
+"""dlm models: one `PreTrainedModel` per variant, all on the shared DiT backbone (`modeling_dit.py`).
+
+- `SDDLMForDiffusionLM`   uniform-state diffusion, simple denoising loss (arXiv 2510.22926); ELBO for likelihood.
+- `DuoForDiffusionLM`     uniform-state diffusion, Duo (arXiv 2506.10892).
+- `MDLMForDiffusionLM`    absorbing-state diffusion with SUBS (arXiv 2406.07524), the masked baseline.
+- `RePlaidForDiffusionLM` Gaussian diffusion on learned unit-norm embeddings (arXiv 2605.18530; Plaid).
+
+A variant class adds only what differs: its config, its noise process, its `nelbo` and its generation mixin. The
+forward pass is the network alone: (token ids | soft token weights | embeddings, noise level) -> logits. Training
+objectives live in `trainers/`; sampling lives in `generation_dlm.py`.
+
+`model.nelbo(input_ids, attention_mask=None, num_time_samples=1, generator=None)` returns the per-sequence NELBO in
+nats per token, an unbiased Monte Carlo estimate of an upper bound on the NLL (one stratified t per sequence,
+averaged over `num_time_samples` draws). It keeps the autograd graph; wrap it in `torch.no_grad()` to evaluate, and
+call `model.eval()` first so that dropout is off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_dlm import DiffusionLMConfig, DuoConfig, MDLMConfig, RePlaidConfig, SDDLMConfig
+from .generation_dlm import (
+    DuoGenerationConfig,
+    DuoGenerationMixin,
+    MDLMGenerationConfig,
+    MDLMGenerationMixin,
+    RePlaidGenerationConfig,
+    RePlaidGenerationMixin,
+    SDDLMGenerationConfig,
+    SDDLMGenerationMixin,
+    check_token_ids,
+)
+from .modeling_dit import DiTLayerNorm, DiTModel, TimestepEmbedder
+from .noise_schedules import LearnedGammaSchedule, antithetic_times, gaussian_alpha_sigma, get_schedule
+from .scheduling_absorbing import AbsorbingStateScheduler
+from .scheduling_gaussian import GaussianEmbeddingScheduler
+from .scheduling_uniform import UniformStateScheduler
+
+
+@dataclass
+class DiffusionLMOutput(ModelOutput):
+    """logits (B, L, V) over clean tokens; hidden_states per layer if requested."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class DiffusionLMPreTrainedModel(PreTrainedModel):
+    config_class = DiffusionLMConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _auto_class = "AutoModel"  # makes save_pretrained copy this folder's code next to the weights
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with an `auto_map` for AutoConfig, AutoModel and AutoModelForMaskedLM."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        config_module = type(self.config).__module__.rsplit(".", 1)[-1]
+        name = f"{module}.{type(self).__name__}"
+        self.config.auto_map = {
+            "AutoConfig": f"{config_module}.{type(self.config).__name__}",
+            "AutoModel": name,
+            "AutoModelForMaskedLM": name,
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "zero_init", False):
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DiTLayerNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, LearnedGammaSchedule):
+            init.normal_(module.W1_raw, mean=0.0, std=1.0)
+            init.normal_(module.b1, mean=0.0, std=1.0)
+            init.normal_(module.W2_raw, mean=0.0, std=1.0)
+            init.constant_(module.gamma_0, float(self.config.gamma_0))
+            init.constant_(module.gamma_1, float(self.config.gamma_1))
+        elif isinstance(module, TimestepEmbedder):
+            pass  # its Linear children are handled above
+
+    # ---- shared helpers --------------------------------------------------------------------------------------------
+    def _check_batch(self, input_ids, attention_mask):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must be a 2-D tensor (batch, seq_len), got shape "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
+        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"`attention_mask` must have shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
+
+    @staticmethod
+    def _reduce_per_sequence(per_token: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return per_token.mean(-1)
+        mask = attention_mask.to(per_token.dtype)
+        return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+    def nelbo(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        num_time_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Per-sequence NELBO in nats per token, shape (B,); see the module docstring."""
+        if not isinstance(num_time_samples, int) or isinstance(num_time_samples, bool) or num_time_samples < 1:
+            raise ValueError(f"`num_time_samples` must be a positive integer, got {num_time_samples!r}")
+        self._check_batch(input_ids, attention_mask)
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        total = None
+        for _ in range(num_time_samples):
+            t = antithetic_times(input_ids.shape[0], generator=generator, device=self.device)
+            per_token = self.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
+            total = per_token if total is None else total + per_token
+        return self._reduce_per_sequence(total / num_time_samples, attention_mask)
+
+
+class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
+    """Token-id DiT shared by the uniform-state and absorbing-state variants."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.backbone = DiTModel(config)
+        self.backbone.blocks.apply(_mark_adaln)
+        self.backbone.output_layer.adaLN_modulation.zero_init = True
+        self.backbone.output_layer.linear.zero_init = True
+        self.schedule = get_schedule(config.noise_schedule, config.schedule_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.backbone.output_layer.linear
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.backbone.output_layer.linear = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> DiffusionLMOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, L)`): noisy token ids z_t.
+            attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 for real tokens, 0 for padding (keys).
+            sigma (`torch.Tensor` of shape `(B,)`, *optional*): noise level -log alpha_t (zeros if omitted; ignored
+                without time conditioning).
+            token_weights (`torch.Tensor` of shape `(B, L, V)`, *optional*): soft inputs (rows of probabilities); the
+                input embedding is `token_weights @ E` (Duo's relaxed curriculum input).
+            inputs_embeds (`torch.Tensor` of shape `(B, L, hidden_size)`, *optional*): embeddings given directly.
+        Exactly one of input_ids, token_weights and inputs_embeds must be given. Returns logits (B, L, V).
+        """
+        given = [x is not None for x in (input_ids, token_weights, inputs_embeds)]
+        if sum(given) != 1:
+            raise ValueError("pass exactly one of `input_ids`, `token_weights` or `inputs_embeds`")
+        if input_ids is not None:
+            self._check_batch(input_ids, attention_mask)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, L, d)
+        elif token_weights is not None:
+            if token_weights.dim() != 3 or token_weights.shape[-1] != self.config.vocab_size:
+                raise ValueError(f"`token_weights` must have shape (B, L, {self.config.vocab_size}), got "
+                                 f"{tuple(token_weights.shape)}")
+            inputs_embeds = token_weights.to(self.embed_tokens.weight.dtype) @ self.embed_tokens.weight  # (B, L, d)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"`inputs_embeds` must have shape (B, L, {self.config.hidden_size}), got "
+                             f"{tuple(inputs_embeds.shape)}")
+        B, L, _ = inputs_embeds.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        if sigma is not None:
+            sigma = torch.as_tensor(sigma, device=inputs_embeds.device, dtype=torch.float32)
+            sigma = sigma.expand(B) if sigma.dim() == 0 else sigma
+            if sigma.shape != (B,):
+                raise ValueError(f"`sigma` must have shape ({B},), got {tuple(sigma.shape)}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: take the unmasked fast path
+        logits, hidden_states = self.backbone(inputs_embeds, sigma, attention_mask, bool(output_hidden_states))
+        if return_dict is False:
+            return (logits,) if hidden_states is None else (logits, hidden_states)
+        return DiffusionLMOutput(logits=logits, hidden_states=hidden_states)
+
+
+def _mark_adaln(module: nn.Module) -> None:
+    if hasattr(module, "adaLN_modulation"):
+        module.adaLN_modulation.zero_init = True
+
+
+class UniformDiffusionLM(DiscreteDiffusionLM):
+    """Uniform-state process (SDDLM, Duo): the network is conditioned on sigma = -log alpha_t."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.noise_scheduler = UniformStateScheduler(config.vocab_size)
+
+    def nelbo_per_token(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """UDLM continuous-time NELBO integrand at times t (B,), per position (B, L), float32."""
+        alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)
+        z_t, _ = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
+        logits = self(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
+        log_x_theta = logits.float().log_softmax(-1)  # (B, L, V)
+        return self.noise_scheduler.nelbo_per_token(log_x_theta, input_ids, z_t, alpha, dalpha)
+
+
+class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
+    config_class = SDDLMConfig
+    generation_config_class = SDDLMGenerationConfig
+
+
+class DuoForDiffusionLM(UniformDiffusionLM, DuoGenerationMixin):
+    config_class = DuoConfig
+    generation_config_class = DuoGenerationConfig
+
+
+class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
+    config_class = MDLMConfig
+    generation_config_class = MDLMGenerationConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.noise_scheduler = AbsorbingStateScheduler(config.vocab_size, config.mask_token_id)
+
+    def nelbo_per_token(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """MDLM NELBO integrand (alpha'/(1-alpha)) log x_theta[x] on masked positions; (B, L), float32."""
+        if bool((input_ids == self.config.mask_token_id).any()):
+            raise ValueError(f"clean `input_ids` contain the mask token id {self.config.mask_token_id}")
+        alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)
+        z_t, _ = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
+        logits = self(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
+        log_x_theta = self.noise_scheduler.subs_log_probs(logits, z_t, carry_over=False)
+        return self.noise_scheduler.nelbo_per_token(log_x_theta, input_ids, z_t, alpha, dalpha)
+
+
+class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
+    """Gaussian diffusion on learned unit-norm embeddings E (V, d_e) with a learned monotone schedule gamma(t).
+
+    forward(noisy_embeds z_t (B, L, d_e), t (B,), self_cond (B, L, d_e)) -> logits (B, L, V), where
+        h = DiT(W_in z_t / sqrt(alpha^2 / d_e + sigma^2) + W_sc sqrt(d_e) self_cond, time = gamma(t) or t)
+        logits = W_out h + b + output_prior_scale (alpha / sigma^2) <z_t, E_v>
+    The last term is the v-dependent part of log N(z_t; alpha E_v, sigma^2 I) (||E_v|| = 1), so the network learns
+    a correction to the likelihood-only posterior. x_hat = softmax(logits), e_hat = x_hat E.
+    """
+
+    config_class = RePlaidConfig
+    generation_config_class = RePlaidGenerationConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        d_e = config.embedding_dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, d_e)  # re-normalised to unit rows on every use
+        self.input_proj = nn.Linear(d_e, config.hidden_size, bias=True)
+        self.self_cond_proj = nn.Linear(d_e, config.hidden_size, bias=False)
+        self.self_cond_proj.zero_init = True
+        self.noise_schedule = LearnedGammaSchedule(config.schedule_hidden_size, config.gamma_0, config.gamma_1)
+        self.backbone = DiTModel(config)
+        self.backbone.blocks.apply(_mark_adaln)
+        self.backbone.output_layer.adaLN_modulation.zero_init = True
+        self.backbone.output_layer.linear.zero_init = True
+        self.noise_scheduler = GaussianEmbeddingScheduler(d_e)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def normalized_embeddings(self) -> torch.Tensor:
+        weight = self.embed_tokens.weight.float()
+        return weight / (weight.norm(dim=-1, keepdim=True) + 1e-8)  # (V, d_e)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        noisy_embeds: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        self_cond: torch.Tensor | None = None,
+        output_prior_scale: float = 1.0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> DiffusionLMOutput | tuple:
+        r"""
+        Args:
+            input_ids (`(B, L)`, *optional*): clean tokens; shorthand for `noisy_embeds = alpha_t E[input_ids]`
+                without noise (at t, default 0).
+            noisy_embeds (`(B, L, embedding_dim)`, *optional*): the latent z_t.
+            t (`(B,)`, *optional*): diffusion time in [0, 1] (default 0).
+            self_cond (`(B, L, embedding_dim)`, *optional*): previous estimate of the clean embeddings (zeros if None).
+            output_prior_scale: weight of the output-prior logit term (trainers warm it up from 0 to 1).
+        """
+        E = self.normalized_embeddings()
+        if (input_ids is None) == (noisy_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` or `noisy_embeds`")
+        ref = input_ids if input_ids is not None else noisy_embeds
+        B, L = ref.shape[:2]
+        if t is None:
+            t = torch.zeros(B, device=self.device)
+        t = torch.as_tensor(t, device=self.device, dtype=torch.float32)
+        t = t.expand(B) if t.dim() == 0 else t
+        if t.shape != (B,):
+            raise ValueError(f"`t` must have shape ({B},), got {tuple(t.shape)}")
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError(f"`t` must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
+        gamma, _ = self.noise_schedule(t)  # (B,) float64
+        alpha, sigma = gaussian_alpha_sigma(gamma)
+        if input_ids is not None:
+            self._check_batch(input_ids, attention_mask)
+            noisy_embeds = alpha[:, None, None].float() * E[input_ids]
+        elif noisy_embeds.dim() != 3 or noisy_embeds.shape[-1] != self.config.embedding_dim:
+            raise ValueError(f"`noisy_embeds` must have shape (B, L, {self.config.embedding_dim}), got "
+                             f"{tuple(noisy_embeds.shape)}")
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        d_e = self.config.embedding_dim
+        z = noisy_embeds.float()
+        scale = torch.rsqrt(alpha**2 / d_e + sigma**2).float()[:, None, None]  # unit variance per coordinate
+        h = self.input_proj((z * scale).to(self.input_proj.weight.dtype))
+        if self_cond is not None:
+            h = h + self.self_cond_proj((self_cond.float() * d_e**0.5).to(self.self_cond_proj.weight.dtype))
+        time_input = gamma.float() if self.config.time_input == "gamma" else t
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        logits, hidden_states = self.backbone(h, time_input, attention_mask, bool(output_hidden_states))
+        if self.config.output_prior and output_prior_scale:
+            prior = (alpha / sigma**2).float()[:, None, None] * (z @ E.T)  # (B, L, V)
+            logits = logits.float() + output_prior_scale * prior
+        if return_dict is False:
+            return (logits,) if hidden_states is None else (logits, hidden_states)
+        return DiffusionLMOutput(logits=logits, hidden_states=hidden_states)
+
+    def _denoise(self, z, t, attention_mask, self_conditioning: bool, output_prior_scale: float = 1.0):
+        """Logits at z_t, with a first no-grad pass producing the self-conditioning input when enabled."""
+        self_cond = None
+        if self_conditioning and self.config.self_conditioning:
+            with torch.no_grad():
+                first = self(noisy_embeds=z, t=t, attention_mask=attention_mask,
+                             output_prior_scale=output_prior_scale).logits
+                self_cond = first.float().softmax(-1) @ self.normalized_embeddings()
+        return self(noisy_embeds=z, t=t, self_cond=self_cond, attention_mask=attention_mask,
+                    output_prior_scale=output_prior_scale).logits
+
+    def nelbo_terms(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        self_conditioning: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """The three NELBO terms per position, (B, L) each (float64): prior, reconstruction (at t = 0) and the
+        continuous-time diffusion term at t (B,)."""
+        B = input_ids.shape[0]
+        E = self.normalized_embeddings()
+        embeds = E[input_ids]  # (B, L, d_e)
+        zeros = torch.zeros(B, device=self.device)
+        gamma_0, _ = self.noise_schedule(zeros)
+        gamma_1, _ = self.noise_schedule(torch.ones(B, device=self.device))
+        prior = self.noise_scheduler.prior_kl(embeds, gamma_1[:, None])
+        z_0 = self.noise_scheduler.add_noise(embeds, gamma_0, generator=generator)
+        logits_0 = self._denoise(z_0, zeros, attention_mask, self_conditioning)
+        recon = -logits_0.float().log_softmax(-1).gather(-1, input_ids[..., None]).squeeze(-1).double()
+        gamma_t, dgamma_t = self.noise_schedule(t)
+        z_t = self.noise_scheduler.add_noise(embeds, gamma_t, generator=generator)
+        logits_t = self._denoise(z_t, t, attention_mask, self_conditioning)
+        embeds_hat = logits_t.float().softmax(-1) @ E
+        diffusion = self.noise_scheduler.diffusion_loss(embeds, embeds_hat, gamma_t, dgamma_t)
+        return {"prior": prior, "reconstruction": recon, "diffusion": diffusion}
+
+    def nelbo_per_token(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """prior + reconstruction + diffusion per position (B, L), float64, self-conditioning on."""
+        terms = self.nelbo_terms(input_ids, t, attention_mask, generator)
+        return terms["prior"] + terms["reconstruction"] + terms["diffusion"]

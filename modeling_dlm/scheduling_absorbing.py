@@ -1,0 +1,100 @@
+"""Absorbing-state (masked) discrete diffusion: the MDLM baseline (Sahoo et al., arXiv 2406.07524).
+
+Time convention: t in [0, 1], t = 0 clean; alpha_t is the probability that a token is still unmasked:
+    q(z_t | x) = Cat(alpha_t e_x + (1 - alpha_t) e_m)
+SUBS parameterisation: the denoiser never predicts the mask token, and unmasked positions are carried over, so
+x_theta(z_t)[x] is only learned at masked positions. The continuous-time NELBO per position is
+    L_t = (alpha'_t / (1 - alpha_t)) log x_theta(z_t)[x] * 1[z_t = m]     (>= 0, since alpha' < 0)
+which is 1/t times the masked cross-entropy for the log-linear schedule. Reverse step for s < t at masked positions:
+    q(z_s | z_t = m, x_hat) = [(alpha_s - alpha_t) x_hat + (1 - alpha_s) e_m] / (1 - alpha_t)
+and unmasked positions stay. Pure tensor math; randomness only through `generator`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .scheduling_uniform import _as_column, sample_from_probs
+
+
+class AbsorbingStateScheduler:
+    def __init__(self, vocab_size: int, mask_token_id: int):
+        if not 0 <= mask_token_id < vocab_size:
+            raise ValueError(f"mask_token_id must be in [0, {vocab_size}), got {mask_token_id}")
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+
+    def prior_sample(self, shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
+        return torch.full(shape, self.mask_token_id, dtype=torch.long, device=device)
+
+    def add_noise(
+        self, x0: torch.Tensor, alpha_t: torch.Tensor | float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask each token with probability 1 - alpha_t. Returns (z_t, masked)."""
+        alpha = _as_column(alpha_t, x0, torch.float32)
+        masked = torch.rand(x0.shape, generator=generator, device=x0.device) < 1 - alpha
+        return torch.where(masked, torch.full_like(x0, self.mask_token_id), x0), masked
+
+    def subs_log_probs(self, logits: torch.Tensor, z_t: torch.Tensor, carry_over: bool = True) -> torch.Tensor:
+        """SUBS: drop the mask logit and log-softmax in float32; with `carry_over`, unmasked positions become one-hot
+        on z_t (log 1 = 0, -inf elsewhere). Losses skip the carry-over: they only read masked positions."""
+        mask_column = torch.arange(logits.shape[-1], device=logits.device) == self.mask_token_id
+        log_probs = logits.float().masked_fill(mask_column, float("-inf")).log_softmax(-1)  # (B, L, V)
+        if not carry_over:
+            return log_probs
+        unmasked = (z_t != self.mask_token_id)[..., None]  # (B, L, 1)
+        onehot = torch.nn.functional.one_hot(z_t, logits.shape[-1]).bool()
+        carried = torch.zeros_like(log_probs).masked_fill(~onehot, float("-inf"))
+        return torch.where(unmasked, carried, log_probs)
+
+    def posterior_probs(
+        self, x_hat: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor | float, alpha_s: torch.Tensor | float
+    ) -> torch.Tensor:
+        """Dense q(z_s | z_t, x_hat), (B, L, V); for tests."""
+        a_t = _as_column(alpha_t, z_t, x_hat.dtype)[..., None]
+        a_s = _as_column(alpha_s, z_t, x_hat.dtype)[..., None]
+        masked = (z_t == self.mask_token_id)[..., None]
+        onehot_m = torch.zeros_like(x_hat)
+        onehot_m[..., self.mask_token_id] = 1
+        q_masked = ((a_s - a_t) * x_hat + (1 - a_s) * onehot_m) / (1 - a_t)
+        onehot_z = torch.nn.functional.one_hot(z_t, self.vocab_size).to(x_hat.dtype)
+        return torch.where(masked, q_masked, onehot_z)
+
+    def step(
+        self,
+        x_hat: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        alpha_s: torch.Tensor | float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw z_s; x_hat (B, L, V) are clean-token probabilities with no mass on the mask token."""
+        a_t = _as_column(alpha_t, z_t, torch.float64)
+        a_s = _as_column(alpha_s, z_t, torch.float64)
+        p_unmask = ((a_s - a_t) / (1 - a_t)).expand(z_t.shape)  # (B, L)
+        masked = z_t == self.mask_token_id
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        reveal = masked & (u < p_unmask)
+        z_s = z_t.clone()
+        rows = reveal.nonzero(as_tuple=True)
+        if rows[0].numel():
+            z_s[rows] = sample_from_probs(x_hat[rows], generator)
+        return z_s
+
+    def nelbo_per_token(
+        self,
+        log_x_theta: torch.Tensor,
+        x0: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        dalpha_t: torch.Tensor | float,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """(alpha' / (1 - alpha)) log x_theta[x] at masked positions, 0 elsewhere; (B, L)."""
+        alpha = _as_column(alpha_t, x0, dtype)
+        dalpha = _as_column(dalpha_t, x0, dtype)
+        masked = z_t == self.mask_token_id
+        log_p_x = log_x_theta.gather(-1, x0[..., None]).squeeze(-1).to(dtype)  # (B, L)
+        log_p_x = torch.where(masked, log_p_x, torch.zeros_like(log_p_x))  # avoids 0 * -inf at carried positions
+        weight = dalpha / (1 - alpha).clamp(min=1e-12)
+        return torch.where(masked, weight * log_p_x, torch.zeros_like(log_p_x))

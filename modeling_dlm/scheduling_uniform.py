@@ -1,0 +1,169 @@
+"""Uniform-state discrete diffusion: forward corruption, exact posterior, reverse step and the closed-form ELBO.
+
+Papers: UDLM (Schiff et al., arXiv 2412.10193), Duo (Sahoo et al., arXiv 2506.10892), SDDLM (arXiv 2510.22926).
+Spec: methods.md §B.2 (process), §B.3.1 (ELBO), §B.4 and §H.1 (sampling).
+
+Time convention: t in [0, 1], t = 0 clean. alpha_t is the keep probability:
+    q(z_t | x) = Cat(alpha_t e_x + (1 - alpha_t) / V . 1)
+Posterior for s < t, with x_hat the denoiser's distribution over clean tokens and alpha_{t|s} = alpha_t / alpha_s:
+    q(z_s | z_t, x_hat) = [V alpha_t x_hat * e_{z_t} + (alpha_{t|s} - alpha_t) e_{z_t} + (alpha_s - alpha_t) x_hat
+                           + (1 - alpha_{t|s})(1 - alpha_s) / V . 1] / [V alpha_t x_hat[z_t] + 1 - alpha_t]
+It is a three-part mixture (copy z_t | draw from x_hat | draw uniformly), which `step` samples without ever building
+a (B, L, V) posterior: the component weights are per-position scalars (computed in float64), and only positions
+that pick x_hat need a categorical draw (inverse CDF on those rows).
+
+Everything here is pure tensor math: no parameters, no model calls; randomness only through `generator`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _as_column(value: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Broadcast a scalar or (B,) tensor against (B, L)."""
+    value = torch.as_tensor(value, dtype=dtype, device=like.device)
+    return value.reshape(-1, 1) if value.dim() == 1 else value
+
+
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Inverse-CDF categorical draw from the rows of `probs` (N, V) (need not be normalised); returns (N,) ids."""
+    cdf = probs.cumsum(-1)  # (N, V)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+class UniformStateScheduler:
+    """The uniform-state process over `vocab_size` tokens. Stateless apart from the vocabulary size."""
+
+    def __init__(self, vocab_size: int):
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    # ---- prior and forward process -------------------------------------------------------------------------------
+    def prior_sample(self, shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
+        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
+
+    def add_noise(
+        self, x0: torch.Tensor, alpha_t: torch.Tensor | float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample z_t ~ q(z_t | x0). Returns (z_t, resampled) where `resampled` marks positions drawn from the uniform
+        prior (a resampled token equals x0 with probability 1 / V). x0 is (B, L); alpha_t a scalar or (B,)."""
+        alpha = _as_column(alpha_t, x0, torch.float32)
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        resampled = u < 1 - alpha  # (B, L)
+        noise = torch.randint(0, self.vocab_size, x0.shape, generator=generator, device=x0.device)
+        return torch.where(resampled, noise, x0), resampled
+
+    # ---- posterior -----------------------------------------------------------------------------------------------
+    def posterior_probs(
+        self, x_hat: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor | float, alpha_s: torch.Tensor | float
+    ) -> torch.Tensor:
+        """Dense q(z_s | z_t, x_hat) of shape (B, L, V), in x_hat's dtype. For tests and small vocabularies; sampling
+        uses the mixture form in `step`."""
+        V = self.vocab_size
+        a_t = _as_column(alpha_t, z_t, x_hat.dtype)[..., None]  # (B, 1, 1) or scalar
+        a_s = _as_column(alpha_s, z_t, x_hat.dtype)[..., None]
+        a_ts = a_t / a_s
+        onehot = torch.nn.functional.one_hot(z_t, V).to(x_hat.dtype)  # (B, L, V)
+        x_hat_z = (x_hat * onehot).sum(-1, keepdim=True)  # (B, L, 1)
+        numerator = V * a_t * x_hat * onehot + (a_ts - a_t) * onehot + (a_s - a_t) * x_hat + (1 - a_ts) * (1 - a_s) / V
+        return numerator / (V * a_t * x_hat_z + 1 - a_t)
+
+    def mixture_weights(
+        self, x_hat_z: torch.Tensor, alpha_t: torch.Tensor | float, alpha_s: torch.Tensor | float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float64 weights (copy z_t, draw from x_hat, draw uniformly) of the posterior mixture; they sum to
+        Z = V alpha_t x_hat[z_t] + 1 - alpha_t. x_hat_z is (B, L)."""
+        a_t = _as_column(alpha_t, x_hat_z, torch.float64)
+        a_s = _as_column(alpha_s, x_hat_z, torch.float64)
+        a_ts = a_t / a_s
+        w_copy = self.vocab_size * a_t * x_hat_z.double() + (a_ts - a_t)
+        w_x_hat = (a_s - a_t).expand_as(w_copy)
+        w_uniform = ((1 - a_ts) * (1 - a_s)).expand_as(w_copy)
+        return w_copy, w_x_hat, w_uniform
+
+    def step(
+        self,
+        x_hat: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        alpha_s: torch.Tensor | float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw z_s ~ q(z_s | z_t, x_hat). x_hat (B, L, V) holds probabilities (after any temperature/top-k/top-p
+        filtering, which acts on x_hat, never on the posterior); z_t (B, L). Returns z_s (B, L)."""
+        x_hat_z = x_hat.gather(-1, z_t[..., None]).squeeze(-1)  # (B, L)
+        w_copy, w_x_hat, w_uniform = self.mixture_weights(x_hat_z, alpha_t, alpha_s)
+        total = w_copy + w_x_hat + w_uniform
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64) * total
+        pick_copy = u < w_copy
+        pick_x_hat = ~pick_copy & (u < w_copy + w_x_hat)
+        pick_uniform = ~pick_copy & ~pick_x_hat
+        z_s = z_t.clone()
+        rows = pick_x_hat.nonzero(as_tuple=True)
+        if rows[0].numel():
+            z_s[rows] = sample_from_probs(x_hat[rows], generator)
+        uniform = torch.randint(0, self.vocab_size, z_t.shape, generator=generator, device=z_t.device)
+        return torch.where(pick_uniform, uniform, z_s)
+
+    # ---- ELBO ----------------------------------------------------------------------------------------------------
+    def nelbo_per_token(
+        self,
+        log_x_theta: torch.Tensor,
+        x0: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        dalpha_t: torch.Tensor | float,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Continuous-time UDLM NELBO integrand (methods.md §B.3.1), closed form, per position (B, L), >= 0.
+
+        With xbar = V alpha e_x + (1 - alpha) 1 and xbar_theta = V alpha x_theta + (1 - alpha) 1:
+            L = (alpha' / (V alpha)) [V / xbar[z] - V / xbar_theta[z]
+                                      - sum_j (xbar[j] / xbar[z]) log(xbar[j] xbar_theta[z] / (xbar[z] xbar_theta[j]))]
+        xbar takes two values (A = V alpha + 1 - alpha at j = x, b = 1 - alpha elsewhere), so the sum reduces to
+            (1 / xbar[z]) [A log A + (V-1) b log b - V log xbar[z] + V log xbar_theta[z] - b S
+                           - V alpha log xbar_theta[x]]
+        with S = sum_j log xbar_theta[j], the one O(V) reduction. log_x_theta is (B, L, V) log-probabilities.
+        """
+        V = self.vocab_size
+        alpha = _as_column(alpha_t, x0, dtype).clamp(min=1e-12)  # (B, 1)
+        dalpha = _as_column(dalpha_t, x0, dtype)
+        one_minus = (1 - alpha).clamp(min=1e-20)  # b; the clamp keeps t = 0 finite
+        a_big = V * alpha + one_minus  # A
+        log_x = log_x_theta.to(dtype)
+        # log xbar_theta[j] = log(V alpha p_j + (1 - alpha)); S sums it over the vocabulary: (B, L)
+        S = torch.log(torch.exp(log_x) * (V * alpha)[..., None] + one_minus[..., None]).sum(-1)
+        log_xbt_z = torch.log(V * alpha * torch.exp(log_x.gather(-1, z_t[..., None]).squeeze(-1)) + one_minus)
+        log_xbt_x = torch.log(V * alpha * torch.exp(log_x.gather(-1, x0[..., None]).squeeze(-1)) + one_minus)
+        is_x = z_t == x0
+        xbar_z = torch.where(is_x, a_big, one_minus)  # (B, L)
+        term1 = V / xbar_z - V * torch.exp(-log_xbt_z)
+        const = a_big * torch.log(a_big) + (V - 1) * torch.special.xlogy(one_minus, one_minus)
+        term2 = (const - V * torch.log(xbar_z) + V * log_xbt_z - one_minus * S - V * alpha * log_xbt_x) / xbar_z
+        return dalpha / (V * alpha) * (term1 - term2)
+
+    def nelbo_per_token_generic(
+        self,
+        x_theta: torch.Tensor,
+        x0: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        dalpha_t: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """The same integrand from the generic O(V) formula (UDLM `diffusion.py`), in x_theta's dtype. Reference for
+        tests; materialises several (B, L, V) tensors."""
+        V = self.vocab_size
+        alpha = _as_column(alpha_t, x0, x_theta.dtype)[..., None]  # (B, 1, 1)
+        dalpha = _as_column(dalpha_t, x0, x_theta.dtype)
+        onehot = torch.nn.functional.one_hot(x0, V).to(x_theta.dtype)
+        xbar = V * alpha * onehot + (1 - alpha)  # (B, L, V)
+        xbar_theta = V * alpha * x_theta + (1 - alpha)
+        xbar_z = xbar.gather(-1, z_t[..., None])  # (B, L, 1)
+        xbar_theta_z = xbar_theta.gather(-1, z_t[..., None])
+        ratio = xbar / xbar_z
+        log_term = torch.log(xbar * xbar_theta_z / (xbar_z * xbar_theta))
+        inner = V / xbar_z.squeeze(-1) - V / xbar_theta_z.squeeze(-1) - (ratio * log_term).sum(-1)
+        return dalpha / (V * alpha.squeeze(-1)) * inner

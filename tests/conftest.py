@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny odd-sized configs (vocab 61, hidden 32, 2 layers, 4 heads, sequence 7, batch 3) on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from modeling_dlm import VARIANTS
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOCAB, HIDDEN, LAYERS, HEADS, COND, SEQ, BATCH = 61, 32, 2, 4, 16, 7, 3
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data; a missing file fails the test (never a silent skip)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"shared test data missing: {path} (the repo expects ../shared/data beside it)")
+    return path
+
+
+def tiny_config(variant: str, **overrides):
+    config_class, _ = VARIANTS[variant]
+    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  cond_dim=COND, max_position_embeddings=16, hidden_dropout_prob=0.0)
+    if variant == "replaid":
+        kwargs["schedule_hidden_size"] = 8
+    kwargs.update(overrides)
+    return config_class(**kwargs)
+
+
+def tiny_model(variant: str, seed: int = 0, randomize: bool = True, **overrides):
+    """A tiny model; `randomize` perturbs the zero-initialised layers so outputs depend on inputs and time."""
+    torch.manual_seed(seed)
+    model = VARIANTS[variant][1](tiny_config(variant, **overrides))
+    if randomize:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "adaLN_modulation" in name or "output_layer.linear" in name or "self_cond_proj" in name:
+                    p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB - 1, (BATCH, SEQ), generator=g)  # never the MDLM mask id (VOCAB - 1)

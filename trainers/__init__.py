@@ -1,0 +1,23 @@
+"""dlm trainers: `transformers.Trainer` subclasses, one per objective, with the losses as pure functions."""
+
+from .arguments import DiffusionTrainingArguments
+from .base import DiffusionTrainer
+from .callbacks import EMACallback
+from .duo import DuoTrainer
+from .mdlm import MDLMTrainer
+from .replaid import RePlaidTrainer
+from .sddlm import SDDLMTrainer
+
+
+TRAINERS = {"sddlm": SDDLMTrainer, "duo": DuoTrainer, "mdlm": MDLMTrainer, "replaid": RePlaidTrainer}
+
+__all__ = [
+    "TRAINERS",
+    "DiffusionTrainer",
+    "DiffusionTrainingArguments",
+    "DuoTrainer",
+    "EMACallback",
+    "MDLMTrainer",
+    "RePlaidTrainer",
+    "SDDLMTrainer",
+]

@@ -1,0 +1,193 @@
+"""`DiffusionTrainer`: the `transformers.Trainer` seam shared by every dlm objective.
+
+A variant trainer implements one hook, `diffusion_loss(model, unwrapped, input_ids, attention_mask, t, generator)`,
+returning the scalar loss and a dict of components to log. The base class:
+- draws stratified ("antithetic") times over the *global* batch: ranks and gradient-accumulation micro-batches take
+  disjoint slices of one evenly spaced grid (methods.md §B.3.1), from generators derived from (seed, step), so a
+  resumed run redraws exactly the same t and noise;
+- calls the network through the (possibly DDP/FSDP-wrapped) `model`, and the noise process through the unwrapped one;
+- returns a per-token mean, so `loss_is_scaled_for_ga = False` lets the Trainer divide by the accumulation steps;
+- evaluates the NELBO (a true bound, never the training loss) token-weighted over the whole eval set:
+  `eval_loss` = `eval_nelbo` (nats/token), plus `eval_ppl_bound` = exp(eval_nelbo), `eval_bpd` and `eval_tokens`;
+- keeps an optional EMA (`ema_decay`) that is saved with checkpoints and swapped in for evaluation and `save_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import torch
+from transformers import Trainer
+
+from .arguments import DiffusionTrainingArguments
+from .callbacks import EMACallback
+
+
+logger = logging.getLogger(__name__)
+
+
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (B, L) values over the positions where mask is 1 (all positions if mask is None)."""
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _mix(*numbers: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix-style), for per-(seed, step, rank) generators."""
+    x = 0x9E3779B97F4A7C15
+    for n in numbers:
+        x = (x ^ (int(n) + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2))) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class DiffusionTrainer(Trainer):
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-token mean of its micro-batch
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, DiffusionTrainingArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs `args` of type DiffusionTrainingArguments, "
+                f"got {type(self.args).__name__}"
+            )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not hasattr(unwrapped, "noise_scheduler"):
+            raise TypeError(f"{type(self).__name__} needs a dlm diffusion model, got {type(unwrapped).__name__}")
+        self.ema = EMACallback(self.args.ema_decay) if self.args.ema_decay > 0 else None
+        if self.ema is not None:
+            self.add_callback(self.ema)
+        self._components: dict[str, list[float]] = defaultdict(list)
+        self._micro_step = 0
+        self._last_step = -1
+        self._eval_sums = None
+
+    # ---- randomness -------------------------------------------------------------------------------------------------
+    def _generators(self, device) -> tuple[torch.Generator, torch.Generator, int]:
+        """(shared generator for the stratification offset, per-rank generator for noise, micro-batch index)."""
+        step = self.state.global_step
+        if step != self._last_step:
+            self._last_step, self._micro_step = step, 0
+        micro = self._micro_step
+        self._micro_step += 1
+        shared = torch.Generator(device=device).manual_seed(_mix(self.args.seed, step, 1))
+        local = torch.Generator(device=device).manual_seed(
+            _mix(self.args.seed, step, micro, self.args.process_index, 2)
+        )
+        return shared, local, micro
+
+    def sample_times(self, batch_size: int, device, shared: torch.Generator, micro: int) -> torch.Tensor:
+        """Stratified t over the global batch (world x accumulation x per-device batch), this micro-batch's slice."""
+        world = self.args.world_size
+        accumulation = self.args.gradient_accumulation_steps
+        offset = ((micro % accumulation) * world + self.args.process_index) * batch_size
+        eps = self.args.sampling_eps
+        if not self.args.antithetic_time:
+            return (1 - eps) * torch.rand(batch_size, generator=shared, device=device) + eps
+        u = torch.rand(1, generator=shared, device=device)
+        u = (u + (offset + torch.arange(batch_size, device=device)) / (world * accumulation * batch_size)) % 1
+        return (1 - eps) * u + eps
+
+    # ---- training ---------------------------------------------------------------------------------------------------
+    def _batch(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if "input_ids" not in inputs:
+            raise ValueError(f"batches need an `input_ids` column, got keys {sorted(inputs)}")
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        return input_ids, attention_mask
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        input_ids, attention_mask = self._batch(inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        shared, local, micro = self._generators(input_ids.device)
+        t = self.sample_times(input_ids.shape[0], input_ids.device, shared, micro)
+        loss, components = self.diffusion_loss(model, unwrapped, input_ids, attention_mask, t, local)
+        if model.training:
+            for key, value in components.items():
+                self._components[key].append(float(value))
+        return (loss, None) if return_outputs else loss
+
+    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+        """Objective hook: returns (scalar loss, {name: float tensor to log})."""
+        raise NotImplementedError
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._components:
+            for key, values in self._components.items():
+                value = torch.tensor(sum(values) / len(values), device=self.args.device)
+                logs[key] = round(float(self.accelerator.reduce(value, reduction="mean")), 4)
+            self._components.clear()
+        super().log(logs, start_time)
+
+    # ---- evaluation -------------------------------------------------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        input_ids, attention_mask = self._batch(inputs)
+        unwrapped = self.accelerator.unwrap_model(model)
+        batch_index = self._eval_sums["batches"] if self._eval_sums is not None else 0
+        generator = torch.Generator(device=input_ids.device).manual_seed(
+            _mix(self.args.seed, batch_index, self.args.process_index, 3)
+        )
+        total = None
+        with torch.no_grad():
+            for _ in range(self.args.eval_num_time_samples):
+                t = self.sample_times(input_ids.shape[0], input_ids.device, generator, 0)
+                per_token = unwrapped.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
+                total = per_token if total is None else total + per_token
+        per_token = (total / self.args.eval_num_time_samples).double()
+        mask = torch.ones_like(per_token) if attention_mask is None else attention_mask.to(per_token.dtype)
+        nll, tokens = (per_token * mask).sum(), mask.sum()
+        if self._eval_sums is not None:
+            self._eval_sums["nll"] += nll
+            self._eval_sums["tokens"] += tokens
+            self._eval_sums["batches"] += 1
+        return (nll / tokens.clamp(min=1)).float().detach(), None, None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        device = self.args.device
+        self._eval_sums = {"nll": torch.zeros((), dtype=torch.float64, device=device),
+                           "tokens": torch.zeros((), dtype=torch.float64, device=device), "batches": 0}
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            nll = float(self.accelerator.reduce(self._eval_sums["nll"], reduction="sum"))
+            tokens = float(self.accelerator.reduce(self._eval_sums["tokens"], reduction="sum"))
+        finally:
+            self._eval_sums = None
+        if tokens == 0:
+            raise ValueError("the evaluation dataset produced no tokens")
+        nelbo = nll / tokens
+        output.metrics.update({
+            f"{metric_key_prefix}_loss": nelbo,
+            f"{metric_key_prefix}_nelbo": nelbo,
+            f"{metric_key_prefix}_ppl_bound": math.exp(min(nelbo, 700.0)),
+            f"{metric_key_prefix}_bpd": nelbo / math.log(2),
+            f"{metric_key_prefix}_tokens": tokens,
+        })
+        return output
+
+    def evaluate(self, *args, **kwargs):
+        if self.ema is None:
+            return super().evaluate(*args, **kwargs)
+        with self.ema.swapped(self.accelerator.unwrap_model(self.model)):
+            return super().evaluate(*args, **kwargs)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Checkpoints (internal calls) keep the raw weights; an explicit save exports the EMA weights if enabled."""
+        if self.ema is None or _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        with self.ema.swapped(self.accelerator.unwrap_model(self.model)):
+            return super().save_model(output_dir, _internal_call)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.ema is not None and not self.ema.load(resume_from_checkpoint, device=self.args.device):
+            logger.warning("no EMA weights in %s; restarting the average from the current weights",
+                           resume_from_checkpoint)

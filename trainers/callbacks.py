@@ -1,0 +1,94 @@
+"""Training callbacks: an exponential moving average (EMA) of the weights.
+
+MDLM, Duo and Plaid evaluate and sample with EMA weights (decay 0.9999). transformers' Trainer has no EMA, so
+`EMACallback` keeps a float32 shadow of the trainable parameters, updates it after every optimizer step, writes it to
+`ema.safetensors` in each checkpoint folder (so a resumed run continues the same average) and can swap it into the
+model for evaluation and export (`DiffusionTrainer` does both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+
+logger = logging.getLogger(__name__)
+
+EMA_WEIGHTS_NAME = "ema.safetensors"
+
+
+class EMACallback(TrainerCallback):
+    def __init__(self, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
+        self.decay = decay
+        self.shadow: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _params(model) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def initialize(self, model) -> None:
+        self.shadow = {name: p.detach().float().clone() for name, p in self._params(model).items()}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.shadow is None and model is not None:
+            self.initialize(model)
+
+    @torch.no_grad()
+    def update(self, model) -> None:
+        params = self._params(model)
+        if self.shadow is None or self.shadow.keys() != params.keys():
+            self.initialize(model)
+            return
+        names = list(params)
+        shadow = [self.shadow[n] for n in names]
+        current = [params[n].detach().float() for n in names]
+        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.update(model)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        if self.shadow is not None:
+            tensors = {k: v.contiguous().cpu() for k, v in self.shadow.items()}
+            save_file(tensors, os.path.join(directory, EMA_WEIGHTS_NAME))
+
+    def load(self, directory: str | os.PathLike, device=None) -> bool:
+        path = os.path.join(directory, EMA_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            return False
+        self.shadow = {k: v.to(device) if device is not None else v for k, v in load_file(path).items()}
+        return True
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                self.save(folder)
+
+    @contextlib.contextmanager
+    def swapped(self, model):
+        """Temporarily load the EMA weights into `model` (a no-op before the first update)."""
+        if self.shadow is None:
+            yield model
+            return
+        params = self._params(model)
+        backup = {}
+        with torch.no_grad():
+            for name, p in params.items():
+                if name in self.shadow:
+                    backup[name] = p.detach().clone()
+                    p.copy_(self.shadow[name].to(p.device, p.dtype))
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in backup.items():
+                    params[name].copy_(value)
