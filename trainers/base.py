@@ -23,6 +23,7 @@ from transformers import Trainer
 
 from .arguments import DiffusionTrainingArguments
 from .callbacks import EMACallback
+from .evaluation import nelbo_batch_sums
 
 
 logger = logging.getLogger(__name__)
@@ -133,15 +134,9 @@ class DiffusionTrainer(Trainer):
         generator = torch.Generator(device=input_ids.device).manual_seed(
             _mix(self.args.seed, batch_index, self.args.process_index, 3)
         )
-        total = None
-        with torch.no_grad():
-            for _ in range(self.args.eval_num_time_samples):
-                t = self.sample_times(input_ids.shape[0], input_ids.device, generator, 0)
-                per_token = unwrapped.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
-                total = per_token if total is None else total + per_token
-        per_token = (total / self.args.eval_num_time_samples).double()
-        mask = torch.ones_like(per_token) if attention_mask is None else attention_mask.to(per_token.dtype)
-        nll, tokens = (per_token * mask).sum(), mask.sum()
+        nll, tokens = nelbo_batch_sums(unwrapped, input_ids, attention_mask,
+                                       num_time_samples=self.args.eval_num_time_samples,
+                                       eps=self.args.sampling_eps, generator=generator)
         if self._eval_sums is not None:
             self._eval_sums["nll"] += nll
             self._eval_sums["tokens"] += tokens

@@ -6,8 +6,9 @@ OpenWebText-style or padded LM1B-style) -> ``build_datasets`` (both splits, read
 ``default_data_collator``).
 
 ``BUILTIN_DATASET`` names a small corpus of real English prose that exists on every machine with Python (the
-``pydoc`` topic help and the module docstrings of the standard library), and ``builtin_tokenizer`` trains a byte-level
-BPE tokenizer on it, so that everything works fully offline.
+``pydoc`` topic help, and the docstrings and comments of the standard library's source files: about 3,200 paragraphs,
+1 MB, 270K tokens on CPython 3.11), and ``builtin_tokenizer`` trains a byte-level BPE tokenizer on it, so that
+everything works fully offline.
 """
 
 from __future__ import annotations
@@ -47,7 +48,31 @@ _VALIDATION_PER_10K = 500  # 5% of documents go to validation, chosen by a stabl
 _SKIP_DIRS = frozenset(
     {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "__pycache__"}
 )
-_TOKENIZER_FORMAT = "v1"  # bump when the builtin tokenizer recipe changes, to invalidate old caches
+_TOKENIZER_FORMAT = "v2"  # bump when the builtin tokenizer recipe changes, to invalidate old caches
+
+# Docstrings and comments are found in Python source with regular expressions, without importing or parsing it.
+# ``_SOURCE_TEXT.findall`` (on the source with a "\n" prepended) gives two groups: (1) class and function docstrings,
+# i.e. a string statement first in a block (right after a line ending in ":"), and (2) blocks of full-line comments.
+# Every other string literal and trailing comment is matched too (ungrouped), so that quotes and "#" inside them never
+# start a false match. ``_MODULE_DOCSTRING.match`` finds the module docstring. On the standard library this finds the
+# docstrings ``ast.get_docstring`` finds, plus the rare string used as a comment first in an if/for block (comment
+# lines between a block header and its docstring are skipped), in ~0.3 s where ``ast.parse`` alone takes ~3 s.
+_STRING = (
+    r'"""[^"\\]*(?:(?:\\.|"(?!""))[^"\\]*)*"""'
+    r"|'''[^'\\]*(?:(?:\\.|'(?!''))[^'\\]*)*'''"
+    r'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"'
+    r"|'[^'\\\n]*(?:\\.[^'\\\n]*)*'"
+)
+_BLANK_OR_COMMENT_LINE = r"[ \t]*(?:#[^\n]*)?\n"
+_DOCSTRING = rf"[ \t]*([rRuU]?(?:{_STRING}))[ \t]*(?=\n|#|\Z)"  # a string literal alone on its line(s)
+_MODULE_DOCSTRING = re.compile(rf"(?:{_BLANK_OR_COMMENT_LINE})*{_DOCSTRING}", re.DOTALL)
+_SOURCE_TEXT = re.compile(  # no branch may start with an anchor: that would disable the regex engine's fast search
+    rf":{_BLANK_OR_COMMENT_LINE}(?:{_BLANK_OR_COMMENT_LINE})*{_DOCSTRING}"
+    rf"|\n[ \t]*(#[^\n]*(?:\n[ \t]*#[^\n]*)*)"
+    rf"|#[^\n]*|{_STRING}",
+    re.DOTALL,  # for escaped line breaks in strings
+)
+_CODING_LINE = re.compile(r"(?:.*\bcoding[:=]|vim?:)")
 
 # Local file suffix -> ``datasets`` packaged builder.
 _BUILDERS = {
@@ -82,39 +107,57 @@ DatasetDictLike = datasets.DatasetDict | datasets.IterableDatasetDict
 # ----------------------------------------------------------------------------------------------------
 
 
-def _module_docstring(path: Path) -> str | None:
-    """Return the cleaned module docstring of a Python source file without importing or fully parsing it.
-
-    Only the tokens before the first statement are read: if that statement is a string literal, it is the docstring
-    and ``ast.literal_eval`` turns its token into the string value. This is ~50x faster than ``ast.parse`` on the
-    whole standard library and gives the same result as ``ast.get_docstring``.
-    """
+def _string_value(literal: str) -> str | None:
+    """The cleaned value of a docstring token (``inspect.cleandoc``, like ``ast.get_docstring``), or None."""
     try:
-        with open(path, "rb") as handle:
-            for token in tokenize.tokenize(handle.readline):
-                if token.type in (tokenize.ENCODING, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT):
-                    continue
-                if token.type != tokenize.STRING:
-                    return None
-                value = ast.literal_eval(token.string)
-                return inspect.cleandoc(value) if isinstance(value, str) else None
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError, tokenize.TokenError):
+        value = ast.literal_eval(literal)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
-    return None
+    return inspect.cleandoc(value) if isinstance(value, str) else None
 
 
-def _stdlib_docstrings() -> list[str]:
-    """Module docstrings of the standard library's .py files (test, IDLE and third-party folders skipped)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root).parts
-        if any(part in _SKIP_DIRS for part in relative[:-1]) or relative[-1].startswith("test_"):
+def _comment_text(block: str) -> str:
+    """Full-line comments without their "#" marks; shebang, encoding and blank comment lines become blank lines."""
+    lines = []
+    for line in block.split("\n"):
+        text = line.strip().lstrip("#").strip()
+        lines.append("" if text.startswith("!") or _CODING_LINE.match(text) else text)
+    return "\n".join(lines)
+
+
+def _source_texts(source: str) -> list[str]:
+    """Docstrings (module, class, function) and full-line comment blocks of Python source, without parsing it."""
+    texts = []
+    module = _MODULE_DOCSTRING.match(source)
+    literals = [module.group(1)] if module else []
+    for literal, comments in _SOURCE_TEXT.findall("\n" + source):
+        if literal:
+            literals.append(literal)
+        elif comments:
+            texts.append(_comment_text(comments))
+    for literal in literals:
+        value = _string_value(literal)
+        if value:
+            texts.append(value)
+    return texts
+
+
+def _stdlib_texts() -> list[str]:
+    """Docstrings and comments of the standard library's .py files (test, IDLE and third-party folders skipped)."""
+    root = sysconfig.get_paths()["stdlib"]
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in _SKIP_DIRS]  # prune: site-packages can be huge
+        paths.extend(os.path.join(folder, name) for name in files if name.endswith(".py") and name[:5] != "test_")
+    texts = []
+    for path in sorted(paths):
+        try:
+            with tokenize.open(path) as handle:  # honours a coding cookie or BOM, like the interpreter
+                source = handle.read()
+        except (OSError, SyntaxError, UnicodeDecodeError):
             continue
-        doc = _module_docstring(path)
-        if doc is not None and len(doc) >= _MIN_DOC_CHARS:
-            docs.append(doc)
-    return docs
+        texts.extend(_source_texts(source))
+    return texts
 
 
 def _pydoc_topics() -> list[str]:
@@ -153,13 +196,14 @@ def _stable_hash(text: str) -> str:
 def builtin_corpus() -> datasets.DatasetDict:
     """Real English prose available on every machine with Python, as ``{"train", "validation"}`` with column "text".
 
-    Sources: the ``pydoc_data.topics`` help texts and the module docstrings of the standard library (read with
-    ``tokenize``/``ast`` from the source files, never imported). Documents are blank-line separated paragraphs of at
-    least 200 characters, deduplicated exactly. The split is a fixed function of each document's SHA-1 (about 5% go
-    to validation), and documents are sorted by that hash, so the result is identical on every run and on every
-    machine with the same Python version. Cached in memory.
+    Sources: the ``pydoc_data.topics`` help texts, and the module, class and function docstrings and the full-line
+    comment blocks of the standard library's .py files (found in the source text with regular expressions, never
+    imported or parsed). Documents are blank-line separated paragraphs of at least 200 characters that are mostly
+    letters and spaces and hold no doctest, deduplicated exactly. The split is a fixed function of each document's
+    SHA-1 (about 5% go to validation), and documents are sorted by that hash, so the result is identical on every run
+    and on every machine with the same Python version. Builds in about a second; cached in memory.
     """
-    documents = _split_documents(_pydoc_topics() + _stdlib_docstrings())
+    documents = _split_documents(_pydoc_topics() + _stdlib_texts())
     # Sort by (hash, text): deterministic, and mixes the sources so a wrapped stream is not one module at a time.
     keyed = sorted((_stable_hash(document), document) for document in documents)
     train, validation = [], []

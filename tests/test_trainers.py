@@ -1,0 +1,189 @@
+"""Trainers on real text (Tiny Shakespeare, GPT-2 tokenizer) with the real `transformers.Trainer`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from modeling_dlm import VARIANTS
+from trainers import TRAINERS, DiffusionTrainingArguments
+from trainers.data import prepare_tokenizer, tokenize_dataset
+
+from .conftest import shared_data
+
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(shared_data("tokenizers", "gpt2")), need_mask=True)
+
+
+@pytest.fixture(scope="module")
+def shakespeare(gpt2_tokenizer):
+    text = shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")
+    lines = [line for line in text.split("\n\n")[:400]]
+    raw = datasets.Dataset.from_dict({"text": lines})
+    blocks = tokenize_dataset(raw, gpt2_tokenizer, SEQ, "wrap")
+    split = blocks.train_test_split(test_size=16, seed=0, shuffle=False)
+    return split["train"], split["test"]
+
+
+def small_model(variant: str, tokenizer, seed: int = 0):
+    config_class, model_class = VARIANTS[variant]
+    kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, cond_dim=16,
+                  max_position_embeddings=SEQ, hidden_dropout_prob=0.0)
+    if variant == "mdlm":
+        kwargs["mask_token_id"] = tokenizer.mask_token_id
+    if variant == "replaid":
+        kwargs["schedule_hidden_size"] = 16
+    torch.manual_seed(seed)
+    return model_class(config_class(**kwargs))
+
+
+def make_args(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "out"), max_steps=25, per_device_train_batch_size=8,
+                  per_device_eval_batch_size=8, learning_rate=3e-3, logging_steps=1, report_to=[],
+                  save_strategy="no", eval_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                  lr_scheduler_type="constant")
+    kwargs.update(overrides)
+    return DiffusionTrainingArguments(**kwargs)
+
+
+def losses(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h and "eval_loss" not in h]
+
+
+@pytest.mark.parametrize("variant", list(TRAINERS))
+def test_training_lowers_loss_and_eval_bound(variant, tmp_path, gpt2_tokenizer, shakespeare):
+    train, evaluation = shakespeare
+    model = small_model(variant, gpt2_tokenizer)
+    trainer = TRAINERS[variant](model=model, args=make_args(tmp_path), train_dataset=train, eval_dataset=evaluation)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    values = losses(trainer)
+    assert len(values) == 25 and all(math.isfinite(v) for v in values)
+    # the SDDLM objective is not a bound (its regularizer is negative); compare its trend, not its level
+    assert sum(values[-5:]) / 5 < sum(values[:5]) / 5
+    for metrics in (before, after):
+        assert metrics["eval_loss"] == pytest.approx(metrics["eval_nelbo"])
+        assert metrics["eval_ppl_bound"] == pytest.approx(math.exp(metrics["eval_nelbo"]))
+        assert metrics["eval_tokens"] == 16 * SEQ
+    assert after["eval_nelbo"] < before["eval_nelbo"]
+    assert before["eval_nelbo"] > 0.5 * math.log(len(gpt2_tokenizer))
+
+
+def test_loss_components_are_logged(tmp_path, gpt2_tokenizer, shakespeare):
+    train, _ = shakespeare
+    trainer = TRAINERS["sddlm"](model=small_model("sddlm", gpt2_tokenizer), args=make_args(tmp_path, max_steps=3),
+                                train_dataset=train)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert {"ce", "reg", "corrupted_fraction"} <= set(logged[0])
+    assert logged[0]["reg"] < 0 < logged[0]["ce"]  # mean log-probability over the vocabulary is negative
+
+
+def test_input_ids_only_dataset_and_gradient_accumulation(tmp_path, gpt2_tokenizer, shakespeare):
+    """A Dataset holding only input_ids trains as is; the logged loss does not scale with accumulation steps."""
+    train, _ = shakespeare
+    only_ids = datasets.Dataset.from_dict({"input_ids": train["input_ids"]})
+    assert only_ids.column_names == ["input_ids"]
+    results = {}
+    for ga, bs in ((1, 8), (4, 2)):
+        args = make_args(tmp_path / f"ga{ga}", max_steps=4, per_device_train_batch_size=bs,
+                         gradient_accumulation_steps=ga, learning_rate=1e-9)
+        trainer = TRAINERS["duo"](model=small_model("duo", gpt2_tokenizer), args=args, train_dataset=only_ids)
+        trainer.train()
+        results[ga] = sum(losses(trainer)) / 4
+    assert results[4] == pytest.approx(results[1], rel=0.25)
+
+
+def test_ema_saved_with_checkpoints_used_for_eval_and_export(tmp_path, gpt2_tokenizer, shakespeare):
+    train, evaluation = shakespeare
+    args = make_args(tmp_path, max_steps=6, ema_decay=0.5, save_strategy="steps", save_steps=3)
+    model = small_model("mdlm", gpt2_tokenizer)
+    trainer = TRAINERS["mdlm"](model=model, args=args, train_dataset=train, eval_dataset=evaluation)
+    trainer.train()
+    ema_file = tmp_path / "out" / "checkpoint-6" / "ema.safetensors"
+    assert ema_file.is_file() and (tmp_path / "out" / "checkpoint-3" / "ema.safetensors").is_file()
+    shadow = load_file(ema_file)
+    raw = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(shadow[n], raw[n]) for n in shadow)
+    with_ema = trainer.evaluate()["eval_nelbo"]
+    trainer.ema = None
+    without_ema = trainer.evaluate()["eval_nelbo"]
+    assert with_ema != without_ema
+    # evaluation restored the raw weights
+    assert all(torch.equal(p, raw[n]) for n, p in model.named_parameters())
+    trainer.ema = [cb for cb in trainer.callback_handler.callbacks if hasattr(cb, "shadow")][0]
+    trainer.save_model(str(tmp_path / "export"))
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    name = "embed_tokens.weight"
+    assert torch.allclose(exported[name], trainer.ema.shadow[name])
+
+
+def test_resume_from_checkpoint_continues_the_same_trajectory(tmp_path, gpt2_tokenizer, shakespeare):
+    train, _ = shakespeare
+    full = TRAINERS["duo"](model=small_model("duo", gpt2_tokenizer),
+                           args=make_args(tmp_path / "full", max_steps=6, ema_decay=0.9), train_dataset=train)
+    full.train()
+    first = TRAINERS["duo"](model=small_model("duo", gpt2_tokenizer),
+                            args=make_args(tmp_path / "part", max_steps=6, ema_decay=0.9, save_strategy="steps",
+                                           save_steps=3), train_dataset=train)
+    first.train()
+    checkpoint = tmp_path / "part" / "out" / "checkpoint-3"
+    resumed = TRAINERS["duo"](model=small_model("duo", gpt2_tokenizer, seed=123),
+                              args=make_args(tmp_path / "part", max_steps=6, ema_decay=0.9), train_dataset=train)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert losses(resumed)[-3:] == pytest.approx(losses(full)[-3:], rel=1e-5)
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    for name, value in full.ema.shadow.items():
+        assert torch.allclose(value, resumed.ema.shadow[name], atol=1e-6), name
+
+
+def test_trainer_rejects_a_non_diffusion_model_and_wrong_args(tmp_path, gpt2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32))
+    with pytest.raises(TypeError, match="dlm diffusion model"):
+        TRAINERS["duo"](model=llama, args=make_args(tmp_path))
+    with pytest.raises(TypeError, match="DiffusionTrainingArguments"):
+        TRAINERS["duo"](model=small_model("duo", gpt2_tokenizer),
+                        args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    with pytest.raises(ValueError, match="sampling_eps"):
+        make_args(tmp_path, sampling_eps=1.5)
+    with pytest.raises(ValueError, match="ema_decay"):
+        make_args(tmp_path, ema_decay=1.0)
+
+
+def test_antithetic_times_cover_the_global_batch(tmp_path, gpt2_tokenizer):
+    """Ranks x accumulation micro-batches draw disjoint slices of one evenly spaced grid."""
+    trainer = TRAINERS["duo"](model=small_model("duo", gpt2_tokenizer),
+                              args=make_args(tmp_path, gradient_accumulation_steps=2, sampling_eps=0.0))
+    ts = []
+    for micro in range(2):
+        shared = torch.Generator().manual_seed(7)
+        ts.append(trainer.sample_times(4, "cpu", shared, micro))
+    grid = torch.sort(torch.cat(ts)).values
+    gaps = grid[1:] - grid[:-1]
+    assert torch.allclose(gaps, torch.full_like(gaps, 1 / 8), atol=1e-6)
+
+
+def test_metrics_are_json_serialisable(tmp_path, gpt2_tokenizer, shakespeare):
+    _, evaluation = shakespeare
+    trainer = TRAINERS["replaid"](model=small_model("replaid", gpt2_tokenizer), args=make_args(tmp_path),
+                                  eval_dataset=evaluation)
+    metrics = trainer.evaluate()
+    json.dumps(metrics)
+    assert math.isfinite(metrics["eval_nelbo"]) and metrics["eval_bpd"] == pytest.approx(
+        metrics["eval_nelbo"] / math.log(2))
