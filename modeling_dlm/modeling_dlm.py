@@ -37,7 +37,7 @@ from .generation_dlm import (
     SDDLMGenerationMixin,
     check_token_ids,
 )
-from .modeling_dit import DiTLayerNorm, DiTModel, TimestepEmbedder
+from .modeling_dit import DiTLayerNorm, DiTModel, RotaryEmbedding, TimestepEmbedder
 from .noise_schedules import LearnedGammaSchedule, antithetic_times, gaussian_alpha_sigma, get_schedule
 from .scheduling_absorbing import AbsorbingStateScheduler
 from .scheduling_gaussian import GaussianEmbeddingScheduler
@@ -96,6 +96,9 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.W2_raw, mean=0.0, std=1.0)
             init.constant_(module.gamma_0, float(self.config.gamma_0))
             init.constant_(module.gamma_1, float(self.config.gamma_1))
+        elif isinstance(module, RotaryEmbedding):
+            # non-persistent buffer: not in the checkpoint, so from_pretrained (meta-device init) must recompute it
+            init.copy_(module.inv_freq, module._inv_freq(module.inv_freq.device))
         elif isinstance(module, TimestepEmbedder):
             pass  # its Linear children are handled above
 

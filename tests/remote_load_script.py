@@ -3,11 +3,13 @@
 Run by `tests/test_remote_code.py` with the interpreter of a bare virtual environment, in isolated mode (`-I`), from
 an empty working directory, with `HF_HUB_OFFLINE=1` and a fresh `HF_HOME`:
 
-    python -I remote_load_script.py CHECKPOINT_DIR INPUTS.safetensors REFERENCE.safetensors SPEC.json
+    python -I remote_load_script.py JOBS.json
 
-It checks that the dlm package (and the training stack) cannot be imported, loads the checkpoint through AutoConfig,
-AutoModel and AutoModelForMaskedLM with `trust_remote_code=True`, recomputes the reference outputs with
-`compute_outputs` (the same function produced them) and prints one line `RESULT {json}` that the test asserts on.
+JOBS.json maps a name (the variant) to {"checkpoint": dir, "inputs": .safetensors, "reference": .safetensors,
+"spec": .json}. The script checks that the dlm package (and the training stack) cannot be imported, loads each
+checkpoint through AutoConfig, AutoModel and AutoModelForMaskedLM with `trust_remote_code=True`, recomputes the
+reference outputs with `compute_outputs` (the same function produced them) and prints one line `RESULT {json}` that
+the test asserts on; an exception while checking one checkpoint is reported for that checkpoint only.
 This file imports only the standard library at module level, so the test process can import `compute_outputs` too.
 """
 
@@ -18,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import traceback
 
 
 RESULT_PREFIX = "RESULT "
@@ -25,10 +28,11 @@ HIDDEN_MODULES = ("modeling_dlm", "trainers", "datasets")
 
 
 def compute_outputs(model, inputs: dict, spec: dict) -> dict:
-    """Reference outputs of `model`: logits per forward case, a seeded nelbo and seeded generate ids."""
+    """Reference outputs of `model`: its buffers (persistent or not), logits per forward case, a seeded nelbo and
+    seeded generate ids."""
     import torch
 
-    out = {}
+    out = {f"buffer.{name}": buffer.detach().clone() for name, buffer in model.named_buffers()}
     with torch.no_grad():
         for case, names in spec["forward"].items():
             kwargs = {name: inputs[f"forward.{case}.{name}"] for name in names}
@@ -83,30 +87,19 @@ def _module_file(obj) -> str:
     return os.path.realpath(getattr(sys.modules[type(obj).__module__], "__file__", "") or "")
 
 
-def main(argv: list[str]) -> None:
-    checkpoint, inputs_path, reference_path, spec_path = argv
-    with open(spec_path) as f:
-        spec = json.load(f)
-    result = {"hidden": _hidden_modules()}  # before torch/transformers: nothing may have put dlm on the path
-    result["distributions"] = sorted({(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()})
-    result["sys_path"] = sys.path
-    result["flags_isolated"] = bool(sys.flags.isolated)
-
-    import torch
-    import transformers
+def check_checkpoint(job: dict) -> dict:
+    """Load one checkpoint through AutoConfig, AutoModel and AutoModelForMaskedLM and compare with its reference."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-    result["torch"] = torch.__version__
-    result["transformers"] = transformers.__version__
-    result["hf_home"] = os.path.realpath(os.environ.get("HF_HOME", ""))
-    inputs = load_file(inputs_path)
-    reference = load_file(reference_path)
-
+    checkpoint = job["checkpoint"]
+    with open(job["spec"]) as f:
+        spec = json.load(f)
+    inputs = load_file(job["inputs"])
+    reference = load_file(job["reference"])
     config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
-    result["config"] = {"class": type(config).__name__, "module": type(config).__module__,
-                        "file": _module_file(config), "model_type": config.model_type}
-    result["models"] = {}
+    result = {"config": {"class": type(config).__name__, "module": type(config).__module__,
+                         "file": _module_file(config), "model_type": config.model_type}, "models": {}}
     for auto in (AutoModel, AutoModelForMaskedLM):
         model, info = auto.from_pretrained(checkpoint, trust_remote_code=True, output_loading_info=True)
         gen = model.generation_config
@@ -124,6 +117,30 @@ def main(argv: list[str]) -> None:
             "generation_config": {key: getattr(gen, key, None) for key in spec["generation_config"]},
             "outputs": compare(outputs, reference),
         }
+    return result
+
+
+def main(argv: list[str]) -> None:
+    (jobs_path,) = argv
+    with open(jobs_path) as f:
+        jobs = json.load(f)  # {name: {"checkpoint", "inputs", "reference", "spec"}}
+    result = {"hidden": _hidden_modules()}  # before torch/transformers: nothing may have put dlm on the path
+    result["distributions"] = sorted({(d.metadata["Name"] or "").lower() for d in importlib.metadata.distributions()})
+    result["sys_path"] = sys.path
+    result["flags_isolated"] = bool(sys.flags.isolated)
+
+    import torch
+    import transformers
+
+    result["torch"] = torch.__version__
+    result["transformers"] = transformers.__version__
+    result["hf_home"] = os.path.realpath(os.environ.get("HF_HOME", ""))
+    result["checkpoints"] = {}
+    for name, job in jobs.items():
+        try:
+            result["checkpoints"][name] = check_checkpoint(job)
+        except Exception:  # reported per checkpoint, so that one broken variant does not hide the others
+            result["checkpoints"][name] = {"error": traceback.format_exc()}
     result["dlm_modules_loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in HIDDEN_MODULES)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 

@@ -229,11 +229,12 @@ def _spec(variant: str, inputs: dict) -> dict:
     }
 
 
-def _save_checkpoint(variant: str, root: Path) -> tuple[Path, Path, Path, Path, dict]:
+def _save_checkpoint(variant: str, root: Path, name: str) -> tuple[Path, Path, Path, Path, dict]:
+    """A randomized tiny model saved under root/name, plus its inputs, reference outputs and spec beside it."""
     model = tiny_model(variant, seed=3)
     for key, value in GENERATION_OVERRIDES[variant].items():
         setattr(model.generation_config, key, value)
-    checkpoint = root / "checkpoint"
+    checkpoint = root / name
     model.save_pretrained(checkpoint)
     inputs = _reference_inputs(variant, model)
     spec = _spec(variant, inputs)
@@ -269,50 +270,94 @@ def test_saved_checkpoint_ships_exactly_the_model_files(variant, tmp_path):
         assert (tmp_path / f"{entry.split('.')[0]}.py").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_checkpoint_loads_with_only_torch_and_transformers(variant, bare_python, tmp_path):
-    checkpoint, inputs_path, reference_path, spec_path, reference = _save_checkpoint(variant, tmp_path / "saved")
-    for key, value in reference.items():  # the references must be informative, not constant
-        if key.startswith("forward."):
-            assert value.std() > 1e-3 and bool(value.isfinite().all()), key
-    assert reference["nelbo"].unique().numel() == BATCH
-    assert reference["generate"].shape == (BATCH, 2 + 4)
+def test_reload_restores_every_parameter_and_buffer(variant, tmp_path):
+    """`from_pretrained` builds the model on the meta device, then fills missing keys and non-persistent buffers with
+    `torch.empty_like` and relies on `_init_weights` to set them: every tensor must come back equal, or the reloaded
+    model (here, and on the Hub) computes something else than the saved one."""
+    model = tiny_model(variant, seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    persistent = set(model.state_dict())
+    reloaded = dict(loaded.named_parameters()) | dict(loaded.named_buffers())
+    bad = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name not in reloaded or not torch.equal(reloaded[name], tensor):
+            kind = "parameter/buffer" if name in persistent else "non-persistent buffer (not in the checkpoint)"
+            bad.append(f"{name} [{kind}]")
+    assert not bad, f"{variant}: differs after save_pretrained + from_pretrained: {bad}"
 
-    workdir, hf_home = tmp_path / "cwd", tmp_path / "hf_home"
+
+@pytest.fixture(scope="module")
+def remote_load(bare_python, tmp_path_factory) -> dict:
+    """Save one checkpoint (with inputs and reference outputs) per variant here, then check all of them in ONE run of
+    `remote_load_script.py` with the bare interpreter: isolated mode, empty cwd, no PYTHONPATH, offline, cold HF_HOME.
+    """
+    root = tmp_path_factory.mktemp("remote_load")
+    workdir, hf_home = root / "cwd", root / "hf_home"
     workdir.mkdir()
     hf_home.mkdir()
-    cmd = [str(bare_python), "-I", "-B", str(REMOTE_SCRIPT), str(checkpoint), str(inputs_path), str(reference_path),
-           str(spec_path)]
-    proc = _run_or_fail(cmd, f"loading the {variant} checkpoint in the bare venv", timeout=LOAD_TIMEOUT_S,
-                        cwd=str(workdir), env=_clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(hf_home)))
+    jobs, references = {}, {}
+    for variant in VARIANTS:  # distinct folder names: each gets its own transformers_modules package
+        checkpoint, inputs_path, reference_path, spec_path, reference = _save_checkpoint(
+            variant, root / variant, f"dlm-{variant}-tiny")
+        jobs[variant] = {"checkpoint": str(checkpoint), "inputs": str(inputs_path),
+                         "reference": str(reference_path), "spec": str(spec_path)}
+        references[variant] = reference
+    jobs_path = root / "jobs.json"
+    jobs_path.write_text(json.dumps(jobs))
+    cmd = [str(bare_python), "-I", "-B", str(REMOTE_SCRIPT), str(jobs_path)]
+    start = time.monotonic()
+    proc = _run_or_fail(cmd, "loading the checkpoints in the bare venv", timeout=LOAD_TIMEOUT_S, cwd=str(workdir),
+                        env=_clean_env(HF_HUB_OFFLINE="1", HF_HOME=str(hf_home)))
+    seconds = time.monotonic() - start
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    assert len(lines) == 1, f"no result line:\n{_tail(proc.stdout + proc.stderr)}"
-    result = json.loads(lines[0][len(RESULT_PREFIX):])
+    if len(lines) != 1:
+        pytest.fail(f"the remote load printed no result line:\n{_tail(proc.stdout + proc.stderr)}")
+    return {"result": json.loads(lines[0][len(RESULT_PREFIX):]), "references": references, "workdir": workdir,
+            "hf_home": hf_home, "stderr": proc.stderr, "seconds": seconds}
 
-    # Nothing of dlm (nor its training stack) is visible there.
+
+@pytest.mark.slow
+def test_bare_process_cannot_see_dlm(remote_load):
+    result, workdir = remote_load["result"], remote_load["workdir"]
     assert result["hidden"] == {"modeling_dlm": True, "trainers": True, "datasets": True}, result["hidden"]
     assert result["dlm_modules_loaded"] == []
     assert "dlm" not in result["distributions"] and "datasets" not in result["distributions"]
     assert result["flags_isolated"]
     assert not {str(REPO), str(REPO / "tests"), str(workdir)} & {os.path.realpath(p) for p in result["sys_path"] if p}
     assert result["torch"].split("+")[0] == TORCH_VERSION and result["transformers"] == TRANSFORMERS_VERSION
+    assert result["hf_home"] == os.path.realpath(remote_load["hf_home"])
     assert not any(workdir.iterdir()), "loading wrote into the working directory"
+    assert "Traceback" not in remote_load["stderr"], _tail(remote_load["stderr"])
 
-    # Classes come from the checkpoint's files, copied into the (cold) module cache of this run's HF_HOME.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_checkpoint_loads_with_only_torch_and_transformers(variant, remote_load):
+    reference = remote_load["references"][variant]
+    assert any(key.startswith("buffer.") for key in reference)
+    for key, value in reference.items():  # the references must be informative, not constant
+        if key.startswith("forward."):
+            assert value.std() > 1e-3 and bool(value.isfinite().all()), key
+    assert reference["nelbo"].unique().numel() == BATCH
+    assert reference["generate"].shape == (BATCH, 2 + 4)
+
+    checked = remote_load["result"]["checkpoints"][variant]
+    assert "error" not in checked, f"{variant}: loading in the bare venv raised:\n{checked.get('error')}"
+    # Classes come from the checkpoint's files, copied into the (cold) module cache of the run's HF_HOME.
     config_class, model_class = VARIANTS[variant]
-    hf_home_real = os.path.realpath(hf_home)
-    assert result["hf_home"] == hf_home_real
-    assert result["config"]["class"] == config_class.__name__
-    assert result["config"]["model_type"] == variant
-    assert result["config"]["module"].startswith("transformers_modules.")
-    assert result["config"]["file"].startswith(hf_home_real + os.sep)
-    assert set(result["models"]) == {"AutoModel", "AutoModelForMaskedLM"}
-    for auto, loaded in result["models"].items():
+    hf_home = os.path.realpath(remote_load["hf_home"]) + os.sep
+    assert checked["config"]["class"] == config_class.__name__
+    assert checked["config"]["model_type"] == variant
+    assert checked["config"]["module"].startswith("transformers_modules.")
+    assert checked["config"]["file"].startswith(hf_home)
+    assert set(checked["models"]) == {"AutoModel", "AutoModelForMaskedLM"}
+    for auto, loaded in checked["models"].items():
         where = f"{variant} via {auto}"
         assert loaded["class"] == model_class.__name__, where
         assert loaded["module"].startswith("transformers_modules."), where
-        assert loaded["file"].startswith(hf_home_real + os.sep), where
+        assert loaded["file"].startswith(hf_home), where
         assert loaded["config_class"] == config_class.__name__, where
         assert loaded["config_module"].startswith("transformers_modules."), where
         assert loaded["training"] is False, where
@@ -322,13 +367,16 @@ def test_checkpoint_loads_with_only_torch_and_transformers(variant, bare_python,
         assert loaded["generation_config"] == GENERATION_OVERRIDES[variant], where
         outputs = loaded["outputs"]
         assert set(outputs) == set(reference), where
-        for key, check in outputs.items():
+        for key, check in sorted(outputs.items(), key=lambda kv: (not kv[0].startswith("buffer."), kv[0])):
             assert check["present"] and check["shape_ok"], f"{where}: {key}: {check}"
             assert check["dtype"] == check["ref_dtype"], f"{where}: {key}: {check}"
+            what = f"{where}: {key} differs from the saved model's"
+            if key.startswith("buffer."):
+                what += " (buffers outside the checkpoint must be rebuilt by `_init_weights`)"
             if reference[key].is_floating_point():
-                assert check["finite"] and check["max_abs_diff"] <= LOGITS_ATOL, f"{where}: {key}: {check}"
+                assert check["finite"] and check["max_abs_diff"] <= LOGITS_ATOL, f"{what}: {check}"
             else:
-                assert check["equal"], f"{where}: {key}: generate ids differ from the reference"
+                assert check["equal"], f"{what}: {check}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

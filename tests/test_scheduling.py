@@ -610,8 +610,9 @@ def test_gaussian_add_noise_and_prior_sample():
 
 @pytest.mark.parametrize("gamma_s,gamma_t", [(-3.0, -1.0), (-1.0, 4.0), (2.0, 2.5), (-6.0, 6.0)])
 def test_gaussian_posterior_against_direct_conditioning(gamma_s, gamma_t):
-    """Per coordinate, (z_s, z_t) | e is jointly Gaussian: z_s = a_s e + s_s eps_1 and z_t = a_{t|s} z_s + s_{t|s} eps_2
-    with a_{t|s} = a_t / a_s, s_{t|s}^2 = s_t^2 - a_{t|s}^2 s_s^2. Condition the 2x2 covariance on z_t."""
+    """Per coordinate, (z_s, z_t) | e is jointly Gaussian: z_s = a_s e + s_s eps_1 and
+    z_t = a_{t|s} z_s + s_{t|s} eps_2 with a_{t|s} = a_t / a_s, s_{t|s}^2 = s_t^2 - a_{t|s}^2 s_s^2.
+    Condition the 2x2 covariance on z_t."""
     d = 5
     sched = GaussianEmbeddingScheduler(d)
     e = torch.randn(4, 3, d, generator=gen(0), dtype=F64)

@@ -24,7 +24,7 @@ VARIANT_NAMES = ("sddlm", "duo", "replaid", "mdlm", "ar")
 SIZES = ("tiny", "small", "medium")
 
 
-# ---- argument groups -------------------------------------------------------------------------------------------------
+# ---- argument groups ------------------------------------------------------------------------------------------------
 @dataclass
 class ModelArguments:
     variant: str = field(default="duo", metadata={"help": f"Model family, one of {VARIANT_NAMES}."})
@@ -51,6 +51,16 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation examples."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (corpora too large for disk)."})
+
+
+def _positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """Let `dlm eval DIR` mean `dlm eval --model_dir DIR` (HfArgumentParser only knows flags)."""
+    argv = list(argv)
+    out = []
+    for name in names:
+        if argv and not argv[0].startswith("-"):
+            out += [f"--{name}", argv.pop(0)]
+    return out + argv
 
 
 def _hf_parser(*dataclass_types):
@@ -126,9 +136,9 @@ def build_model(variant: str, body: dict, tokenizer, seq_len: int):
     return model
 
 
-# ---- train -------------------------------------------------------------------------------------------------------------
+# ---- train ----------------------------------------------------------------------------------------------------------
 def cmd_train(argv: list[str]) -> int:
-    from trainers import TRAINERS, DiffusionTrainingArguments
+    from trainers import DiffusionTrainingArguments
 
     parser = _hf_parser(ModelArguments, DataArguments, DiffusionTrainingArguments)
     parser.prog = "dlm train"
@@ -184,7 +194,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     return 0
 
 
-# ---- eval --------------------------------------------------------------------------------------------------------------
+# ---- eval -----------------------------------------------------------------------------------------------------------
 @dataclass
 class EvalArguments:
     model_dir: str = field(metadata={"help": "Checkpoint folder (or Hub repo id) to evaluate."})
@@ -230,7 +240,7 @@ def cmd_eval(argv: list[str]) -> int:
 
     parser = _hf_parser(EvalArguments, DataArguments)
     parser.prog = "dlm eval"
-    eval_args, data_args = parser.parse_args_into_dataclasses(argv)
+    eval_args, data_args = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
     if eval_args.split not in ("validation", "train"):
         raise ValueError(f"--split must be 'validation' or 'train', got {eval_args.split!r}")
     model = _load_model(eval_args.model_dir, eval_args.device)
@@ -256,7 +266,7 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
-# ---- generate ----------------------------------------------------------------------------------------------------------
+# ---- generate -------------------------------------------------------------------------------------------------------
 @dataclass
 class GenerateArguments:
     model_dir: str = field(metadata={"help": "Checkpoint folder (or Hub repo id)."})
@@ -278,7 +288,7 @@ def cmd_generate(argv: list[str]) -> int:
 
     parser = _hf_parser(GenerateArguments)
     parser.prog = "dlm generate"
-    (args,) = parser.parse_args_into_dataclasses(argv)
+    (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     model = _load_model(args.model_dir, args.device)
@@ -301,7 +311,7 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
-# ---- push --------------------------------------------------------------------------------------------------------------
+# ---- push -----------------------------------------------------------------------------------------------------------
 @dataclass
 class PushArguments:
     model_dir: str = field(metadata={"help": "Checkpoint folder written by dlm train."})
@@ -322,7 +332,7 @@ def cmd_push(argv: list[str]) -> int:
 
     parser = _hf_parser(PushArguments)
     parser.prog = "dlm push"
-    (args,) = parser.parse_args_into_dataclasses(argv)
+    (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir", "repo_id")))
     folder = Path(args.model_dir)
     if not (folder / "config.json").is_file():
         raise OSError(f"{folder} is not a checkpoint folder: config.json is missing")
@@ -336,7 +346,7 @@ def cmd_push(argv: list[str]) -> int:
     return 0
 
 
-# ---- distill -----------------------------------------------------------------------------------------------------------
+# ---- distill --------------------------------------------------------------------------------------------------------
 def cmd_distill(argv: list[str]) -> int:
     raise NotImplementedError(
         "dlm distill (Discrete Consistency Distillation) is not available in this release yet; it lands with "
@@ -344,7 +354,7 @@ def cmd_distill(argv: list[str]) -> int:
     )
 
 
-# ---- quickstart --------------------------------------------------------------------------------------------------------
+# ---- quickstart -----------------------------------------------------------------------------------------------------
 @dataclass
 class QuickstartArguments:
     output_dir: str = field(default="dlm-quickstart", metadata={"help": "Where to save the trained checkpoint."})

@@ -1,0 +1,135 @@
+"""The `dlm` command, run as a real subprocess on real text with the real GPT-2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from .conftest import shared_data
+
+
+def run_dlm(*args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "trainers.cli", *args], capture_output=True, text=True,
+                            timeout=timeout, env=env)
+    if check and result.returncode != 0:
+        pytest.fail(f"dlm {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    text = shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:60_000]
+    path = tmp_path_factory.mktemp("data") / "shakespeare.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_console_script_and_help():
+    exe = shutil.which("dlm", path=os.path.dirname(sys.executable)) or shutil.which("dlm")
+    assert exe, "the `dlm` console script is not installed (pip install -e .)"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for command in ("quickstart", "train", "distill", "eval", "generate", "push"):
+        assert command in out.stdout
+    flags = {
+        "train": ("--variant", "--size", "--config", "--dataset", "--dataset_config", "--tokenizer", "--seq_len",
+                  "--max_steps", "--output_dir", "--learning_rate", "--ema_decay"),
+        "eval": ("--dataset", "--seq_len", "--max_eval_samples", "--num_time_samples"),
+        "generate": ("--num_steps", "--sampler", "--num_samples", "--prompt", "--top_p"),
+        "push": ("model_dir", "repo_id"),
+        "quickstart": ("--output_dir", "--max_steps"),
+    }
+    for command, expected in flags.items():
+        result = run_dlm(command, "--help", timeout=120)
+        for flag in expected:
+            assert flag in result.stdout, (command, flag)
+
+
+def test_train_eval_generate_roundtrip(tmp_path, text_file):
+    out = tmp_path / "sddlm"
+    gpt2 = str(shared_data("tokenizers", "gpt2"))
+    result = run_dlm("train", "--variant", "sddlm", "--size", "tiny", "--dataset", str(text_file), "--tokenizer", gpt2,
+                     "--seq_len", "32", "--max_steps", "6", "--per_device_train_batch_size", "4",
+                     "--max_eval_samples", "8", "--output_dir", str(out), "--report_to", "none", "--use_cpu",
+                     "--save_strategy", "no", "--disable_tqdm", "true")
+    metrics = last_json(result.stdout)
+    assert metrics["eval_loss"] == pytest.approx(metrics["eval_nelbo"])
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "modeling_dlm.py",
+                 "configuration_dlm.py", "scheduling_uniform.py"):
+        assert (out / name).is_file(), name
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert type(model).__name__ == "SDDLMForDiffusionLM"
+    assert model.config.vocab_size == len(tokenizer) == 50258
+    assert type(model.generation_config).__name__ == "SDDLMGenerationConfig"
+
+    result = run_dlm("eval", str(out), "--dataset", str(text_file), "--seq_len", "32", "--max_eval_samples", "8",
+                     "--num_time_samples", "2")
+    report = last_json(result.stdout)
+    assert {"nelbo", "ppl_bound", "tokens"} <= set(report)
+    assert report["tokens"] == 8 * 32
+    assert report["ppl_bound"] == pytest.approx(math.exp(report["nelbo"]), rel=1e-6)
+    assert 0 < report["nelbo"] < 2 * math.log(50258)
+
+    result = run_dlm("generate", str(out), "--num_samples", "2", "--max_new_tokens", "12", "--num_steps", "4",
+                     "--prompt", "ROMEO:", "--sampler", "greedy_tail", "--show_progress", "false")
+    assert result.stdout.count("--- sample") == 2
+    assert result.stdout.count("ROMEO:") == 2
+
+
+def test_train_ar_baseline_and_eval(tmp_path, text_file):
+    out = tmp_path / "ar"
+    gpt2 = str(shared_data("tokenizers", "gpt2"))
+    run_dlm("train", "--variant", "ar", "--size", "tiny", "--dataset", str(text_file), "--tokenizer", gpt2,
+            "--seq_len", "32", "--max_steps", "4", "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
+            "--output_dir", str(out), "--report_to", "none", "--use_cpu", "--save_strategy", "no")
+    report = last_json(run_dlm("eval", str(out), "--dataset", str(text_file), "--seq_len", "32",
+                               "--max_eval_samples", "8").stdout)
+    assert report["exact_nll"] is True and report["tokens"] == 8 * 31
+    assert report["nelbo"] > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("train", "--variant", "gpt5"), "--variant must be one of"),
+        (("train", "--variant", "duo", "--size", "huge"), "--size must be one of"),
+        (("train", "--config", "/nonexistent.json"), "not found"),
+        (("eval", "/nonexistent-dir"), "nonexistent"),
+        (("push", "/nonexistent-dir", "me/repo"), "config.json is missing"),
+        (("distill",), "not available"),
+        (("frobnicate",), "unknown command"),
+    ],
+)
+def test_bad_input_prints_one_line_and_exits_2(args, message):
+    result = run_dlm(*args, check=False, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_runs_offline_and_saves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "qs"
+    result = run_dlm("quickstart", "--output_dir", str(out), "--max_steps", "30", "--seq_len", "32",
+                     "--num_samples", "2")
+    summary = last_json(result.stdout)
+    assert summary["nelbo"] < summary["nelbo_before"] <= summary["log_vocab"] + 0.5
+    assert result.stdout.count("--- sample") == 2
+    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "DuoForDiffusionLM"
+    ids = model.generate(batch_size=1, max_new_tokens=8, num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (1, 8)
