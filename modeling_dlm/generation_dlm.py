@@ -389,10 +389,11 @@ class MDLMGenerationMixin(DiffusionLMGenerationMixin):
         x_hat = state["x_hat"]
         if x_hat is None or self.config.time_conditioning:
             sigma = (-torch.log(alpha_t)).float().expand(z.shape[0])
-            logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits
-            logits = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p)
-            x_hat = sched.subs_log_probs(logits, z).exp()  # (B, L, V), no mass on the mask token
+            logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits.float()
+            logits[..., sched.mask_token_id] = float("-inf")  # SUBS: never predict the mask (in place: no grad here)
+            x_hat = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p).softmax(-1)  # (B, L, V)
             state["forward_passes"] += 1
+            # no carry-over needed: `step` only ever changes masked positions
         if is_last and gen.sampler == "greedy_tail":
             z_s = torch.where(z == sched.mask_token_id, x_hat.argmax(-1), z)
         else:

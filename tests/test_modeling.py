@@ -456,22 +456,32 @@ def test_nelbo_of_untrained_discrete_model_is_order_log_v(batch):
         assert value == pytest.approx(target, rel=0.25), variant_name
 
 
-def test_nelbo_more_time_samples_lower_variance(variant):
-    """30 replicates of one sequence (a batch of 30 copies; each copy's times are marginally uniform and independent
-    across the num_time_samples draws) for K = 1 and K = 8: the spread across replicates drops by about 1/sqrt(8)
-    and the means agree. A batch of replicates costs 9 forward passes instead of 30 seeds x 9."""
+def test_nelbo_time_samples_average_independent_draws(variant, batch):
+    """num_time_samples=K is exactly the mean of K consecutive single-sample estimates drawn from one generator, and
+    those draws differ (fresh times and noise each time), so averaging them lowers the variance."""
     model = tiny_model(variant)
-    ids = torch.tensor([[5, 17, 33, 2, 41, 9, 28]]).repeat(30, 1)
+    with torch.no_grad():
+        four = model.nelbo(batch, num_time_samples=4, generator=gen(7))
+        shared = gen(7)
+        singles = torch.stack([model.nelbo(batch, generator=shared) for _ in range(4)])
+    torch.testing.assert_close(four, singles.mean(0), rtol=1e-5, atol=1e-5)
+    assert bool((singles.std(0) > 1e-3).all()), "the K draws must be independent, not repeats"
+
+
+def test_nelbo_more_time_samples_lower_variance(variant):
+    """120 replicates of one sequence (a batch of 120 copies: each copy's times are marginally uniform, and
+    independent across the K draws) for K = 1 and K = 8: the spread drops (1/sqrt(8) ~ 0.35 for a finite-variance
+    estimator; these integrands are heavy-tailed at small t, so the bound is loose) and the means agree. A batch of
+    replicates costs 9 forward passes instead of 30 seeds x 9."""
+    model = tiny_model(variant)
+    ids = torch.tensor([[5, 17, 33, 2, 41, 9, 28]]).repeat(120, 1)
     with torch.no_grad():
         one = model.nelbo(ids, num_time_samples=1, generator=gen(0))
         eight = model.nelbo(ids, num_time_samples=8, generator=gen(1))
-    assert one.shape == eight.shape == (30,)
-    assert eight.std() < 0.6 * one.std(), (one.std(), eight.std())  # ~0.35 expected
-    se = torch.sqrt(one.var() / 30 + eight.var() / 30)
+    assert one.shape == eight.shape == (120,)
+    assert eight.std() < 0.75 * one.std(), (one.std(), eight.std())
+    se = torch.sqrt(one.var() / 120 + eight.var() / 120)
     assert (one.mean() - eight.mean()).abs() < 5 * se
-    # repeated seeds of the K = 8 estimate for the first sequence: the same spread as across replicates (not zero)
-    per_seed = torch.stack([model.nelbo(ids[:1], num_time_samples=8, generator=gen(10 + s)) for s in range(5)])
-    assert per_seed.std() > 0
 
 
 def test_nelbo_rejects_bad_arguments(variant, batch):
@@ -778,7 +788,7 @@ def test_forced_denoiser_greedy_tail(variant_name):
 def test_mdlm_caching_sampler_skips_calls_while_nothing_changes():
     """With few positions and many steps most steps reveal nothing; MDLM (no time conditioning) then reuses x_hat.
     With time conditioning the cache must be off: exactly one call per step."""
-    num_steps = 30
+    num_steps = 24
     model = forced_model("mdlm")
     calls, handle = count_calls(model)
     out = model.generate(max_new_tokens=4, num_steps=num_steps, generator=gen(0), return_dict_in_generate=True)
@@ -798,7 +808,7 @@ def test_mdlm_cache_matches_uncached_sampling(batch):
     """Reusing x_hat while z is unchanged is exact for a time-independent denoiser: the cached sampler and one that
     calls the network every step draw the same samples from the same generator."""
     model = tiny_model("mdlm")
-    cached = model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=20, generator=gen(5),
+    cached = model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=12, generator=gen(5),
                             return_dict_in_generate=True)
     original = model._sampling_step
 
@@ -807,10 +817,10 @@ def test_mdlm_cache_matches_uncached_sampling(batch):
         return original(state, *args, **kwargs)
 
     model._sampling_step = uncached_step
-    uncached = model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=20, generator=gen(5),
+    uncached = model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=12, generator=gen(5),
                               return_dict_in_generate=True)
     assert torch.equal(cached.sequences, uncached.sequences)
-    assert cached.num_forward_passes < uncached.num_forward_passes == 20
+    assert cached.num_forward_passes < uncached.num_forward_passes == 12
 
 
 # ---------------------------------------------------------------------------------------------------------------------

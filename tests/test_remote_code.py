@@ -180,6 +180,8 @@ def test_bare_venv_holds_only_torch_and_transformers(bare_python, record_propert
     assert info["versions"]["torch"].split("+")[0] == TORCH_VERSION
     assert info["versions"]["transformers"] == TRANSFORMERS_VERSION
     assert info["prefix"] != info["base_prefix"], "not a virtual environment"
+    cfg = (bare_python.parents[1] / "pyvenv.cfg").read_text().replace(" ", "").lower()
+    assert "include-system-site-packages=false" in cfg, "the bare venv must not see the system site-packages"
     extra = set(info["installed"]) - set(info["needed"]) - {"pip", "setuptools", "wheel"}
     assert not extra, f"the bare venv holds packages beyond torch + transformers and their dependencies: {extra}"
     for name in ("dlm", "datasets", "accelerate", "peft", "evaluate"):

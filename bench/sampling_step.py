@@ -1,0 +1,140 @@
+"""Cost of one denoising step against a bare forward pass of the same network, measured side by side.
+
+    python bench/sampling_step.py [--vocab 50258 --batch 8 --seq 128 --hidden 256 --layers 4 --heads 4 --repeats 7]
+
+For each variant, one "step" is exactly what `generate` does per step (network call + filtering + the noise process
+step); the "forward" is `model(...)` alone under `torch.no_grad()`. The two are timed interleaved, and the ratio of
+medians is reported (absolute seconds on shared machines are noise). Results go to bench/results/sampling_step.json.
+The MDLM caching sampler is also compared with plain ancestral sampling over a whole generation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from modeling_dlm import VARIANTS
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build(variant: str, args):
+    config_class, model_class = VARIANTS[variant]
+    kwargs = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        cond_dim=128,
+        max_position_embeddings=args.seq,
+        hidden_dropout_prob=0.0,
+    )
+    if variant == "replaid":
+        kwargs["schedule_hidden_size"] = 1024
+    torch.manual_seed(0)
+    model = model_class(config_class(**kwargs)).eval()
+    with torch.no_grad():  # untrained zero-init heads give uniform x_hat; randomise them for realistic sampling work
+        for name, p in model.named_parameters():
+            if "output_layer" in name or "adaLN" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+def bench_variant(variant: str, args) -> dict:
+    model = build(variant, args)
+    B, L = args.batch, args.seq
+    gen = model.generation_config_class(num_steps=args.steps, max_new_tokens=L)
+    canvas = torch.zeros(B, L, dtype=torch.long)
+    given = torch.zeros(B, L, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.5 - 1 / args.steps, dtype=torch.float64)
+
+    if variant == "replaid":
+        z = torch.randn(B, L, model.config.embedding_dim)
+
+        def forward():
+            model(noisy_embeds=z, t=torch.full((B,), 0.5))
+    else:
+        ids = torch.randint(0, args.vocab - 1, (B, L))
+
+        def forward():
+            model(input_ids=ids, sigma=torch.full((B,), 0.7))
+
+    state = model._sampling_init(canvas, given, None, gen, g)
+    if variant == "mdlm":  # a partly unmasked canvas, as in the middle of sampling
+        state["z"] = torch.where(torch.rand(B, L, generator=g) < 0.5, state["z"], ids)
+    start_z = state["z"].clone()
+
+    def step():
+        state["z"], state["x_hat"] = start_z, None  # the same input every time; no cache hit for MDLM
+        if variant == "replaid":
+            state["self_cond"] = None
+        model._sampling_step(state, t, s, False, gen, g)
+
+    with torch.no_grad():
+        forward(), step()  # warm-up
+        f_times, s_times = [], []
+        for _ in range(args.repeats):
+            f_times.append(timed(forward))
+            s_times.append(timed(step))
+    f, st = statistics.median(f_times), statistics.median(s_times)
+    return {
+        "variant": variant,
+        "forward_s": round(f, 4),
+        "step_s": round(st, 4),
+        "step_over_forward": round(st / f, 3),
+    }
+
+
+def bench_mdlm_cache(args) -> dict:
+    model = build("mdlm", args)
+    with torch.no_grad():
+        for p in model.backbone.output_layer.parameters():
+            p.normal_(0, 0.5)
+        g = torch.Generator().manual_seed(0)
+        out = model.generate(batch_size=2, max_new_tokens=32, num_steps=128, generator=g, return_dict_in_generate=True)
+    return {
+        "mdlm_cache_forward_passes": out.num_forward_passes,
+        "mdlm_steps": 128,
+        "mdlm_cache_saving": round(1 - out.num_forward_passes / 128, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=50258)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", nargs="+", default=["duo", "sddlm", "mdlm", "replaid"])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling_step.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = [bench_variant(v, args) for v in args.variants]
+    cache = bench_mdlm_cache(args)
+    header = f"{'variant':<8} {'forward s':>10} {'step s':>10} {'step/forward':>13}"
+    lines = [header] + [
+        f"{r['variant']:<8} {r['forward_s']:>10.4f} {r['step_s']:>10.4f} {r['step_over_forward']:>13.3f}" for r in rows
+    ]
+    print("\n".join(lines))
+    print(json.dumps(cache))
+    result = {"config": vars(args), "rows": rows, **cache}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
