@@ -123,7 +123,11 @@ class SDDLMConfig(DiffusionLMConfig):
             efficient v2-style form, default), `"sampled"` (v1 negative samples) or `"none"`.
         regularizer_weight: lambda in L = CE + lambda * R (1.0 matches v1).
         num_negative_samples: uniform negatives per position for `regularizer="sampled"` (v1 default 1).
-        regularizer_eps: epsilon added to probabilities before the log in the `"sampled"` form (1e-6).
+        regularizer_eps: epsilon added to probabilities before the log (1e-6, as in the v1 transcription).
+        elbo_denoiser: the denoiser plugged into the uniform-state ELBO and the sampler. `"bayes"` (default) combines
+            the network's prediction, which is trained on noise-replaced positions only, with the forward kernel by
+            Bayes' rule (see `SDDLMForDiffusionLM`); `"raw"` uses the network's softmax as is. Any choice yields a
+            valid bound; the sources do not say which the paper used (UNVERIFIED).
     """
 
     model_type = "sddlm"
@@ -133,6 +137,7 @@ class SDDLMConfig(DiffusionLMConfig):
     regularizer_weight: float = 1.0
     num_negative_samples: int = 1
     regularizer_eps: float = 1e-6
+    elbo_denoiser: str = "bayes"
 
     def __post_init__(self, **kwargs):
         _check(self.loss_mask in ("changed", "resampled"),
@@ -142,6 +147,8 @@ class SDDLMConfig(DiffusionLMConfig):
         _check(self.regularizer_weight >= 0, f"`regularizer_weight` must be >= 0, got {self.regularizer_weight!r}")
         _check(isinstance(self.num_negative_samples, int) and self.num_negative_samples >= 1,
                f"`num_negative_samples` must be a positive integer, got {self.num_negative_samples!r}")
+        _check(self.elbo_denoiser in ("bayes", "raw"),
+               f"`elbo_denoiser` must be 'bayes' or 'raw', got {self.elbo_denoiser!r}")
         _check(self.regularizer_eps >= 0, f"`regularizer_eps` must be >= 0, got {self.regularizer_eps!r}")
         _check(self.time_conditioning, "uniform-state models must condition on time: `time_conditioning=False` "
                                        "is not allowed for SDDLM")

@@ -135,7 +135,7 @@ def filter_logits(
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 
@@ -352,7 +352,7 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
         sigma = (-torch.log(alpha_t)).float().expand(B)
         logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits  # (B, L, V)
-        x_hat = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p).softmax(-1)
+        x_hat = self.denoiser_probs(filter_logits(logits, gen.temperature, gen.top_k, gen.top_p), z, alpha_t)
         if is_last and gen.sampler == "greedy_tail":
             z = x_hat.argmax(-1)
         else:
@@ -362,6 +362,10 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
 
     def _sampling_tokens(self, state):
         return state["z"]
+
+    def denoiser_probs(self, logits, z_t, alpha_t):
+        """x_hat (B, L, V) from filtered logits; variants may calibrate it (SDDLM's carry-over)."""
+        return logits.softmax(-1)
 
 
 class SDDLMGenerationMixin(UniformGenerationMixin):

@@ -246,13 +246,52 @@ class UniformDiffusionLM(DiscreteDiffusionLM):
         alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)
         z_t, _ = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
         logits = self(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
-        log_x_theta = logits.float().log_softmax(-1)  # (B, L, V)
+        log_x_theta = self.elbo_log_probs(logits, z_t, alpha)  # (B, L, V)
         return self.noise_scheduler.nelbo_per_token(log_x_theta, input_ids, z_t, alpha, dalpha)
+
+    def elbo_log_probs(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """log x_hat plugged into the ELBO; the mean parameterisation: log_softmax of the logits (float32)."""
+        return logits.float().log_softmax(-1)
 
 
 class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
+    """SDDLM: the network is trained on noise-replaced positions only.
+
+    Trained on resampled positions, whose token z_t^l is independent of x^l, the network learns p(x^l | z_t^{-l}),
+    the clean token given the *rest* of the sequence. Any denoiser gives a valid ELBO; the exact posterior given
+    z_t follows from Bayes' rule with the forward kernel q(z_t^l | x^l = v) = alpha_t 1[v = z_t^l] + (1 - alpha_t)/V:
+        x_hat(v) proportional to x_theta(v) (alpha_t 1[v = z_t^l] + (1 - alpha_t) / V)
+    `config.elbo_denoiser="bayes"` (default) plugs this x_hat into the ELBO and the sampler; `"raw"` uses x_theta.
+    """
+
     config_class = SDDLMConfig
     generation_config_class = SDDLMGenerationConfig
+
+    def elbo_log_probs(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        log_probs = logits.float().log_softmax(-1)  # (B, L, V)
+        if self.config.elbo_denoiser == "raw":
+            return log_probs
+        V = self.config.vocab_size
+        a = alpha.float().reshape(-1, 1)  # (B, 1)
+        log_noise = torch.log((1 - a) / V)  # kernel weight of v != z_t
+        log_z = log_probs.gather(-1, z_t[..., None]).squeeze(-1)  # (B, L)
+        log_at_z = log_z + torch.log(a + (1 - a) / V)
+        # normaliser: sum_v x_theta(v) (1 - a)/V + x_theta(z) a
+        log_norm = torch.logaddexp(log_noise.expand_as(log_z), log_z + torch.log(a))
+        out = (log_probs + log_noise[..., None]).scatter(-1, z_t[..., None], log_at_z[..., None])
+        return out - log_norm[..., None]
+
+    def denoiser_probs(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """x_hat for the sampler: the same Bayes correction, applied to the (filtered) probabilities."""
+        probs = logits.softmax(-1)  # (B, L, V)
+        if self.config.elbo_denoiser == "raw":
+            return probs
+        a = float(alpha)
+        V = self.config.vocab_size
+        at_z = probs.gather(-1, z_t[..., None])  # (B, L, 1)
+        probs = probs * ((1 - a) / V)
+        probs.scatter_add_(-1, z_t[..., None], at_z * a)
+        return probs / probs.sum(-1, keepdim=True)
 
 
 class DuoForDiffusionLM(UniformDiffusionLM, DuoGenerationMixin):

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, GenerationConfig
 
 from modeling_dlm import (
     VARIANTS,
@@ -34,6 +34,9 @@ from .conftest import BATCH, HIDDEN, SEQ, VOCAB, tiny_config, tiny_model
 
 DISCRETE = ["sddlm", "duo", "mdlm"]
 UNIFORM = ["sddlm", "duo"]
+# Duo plugs the network's softmax into the ELBO and the sampler unchanged; SDDLM may mix in a carry-over term
+# (its config's denoiser option), so exact expectations about x_hat-driven outputs are stated for Duo and MDLM.
+RAW_DENOISER = ["duo", "mdlm"]
 GENERATION_CONFIGS = {"sddlm": SDDLMGenerationConfig, "duo": DuoGenerationConfig, "mdlm": MDLMGenerationConfig,
                       "replaid": RePlaidGenerationConfig}
 SHIPPED_FILES = {"configuration_dlm.py", "modeling_dlm.py", "modeling_dit.py", "generation_dlm.py",
@@ -42,6 +45,16 @@ SHIPPED_FILES = {"configuration_dlm.py", "modeling_dlm.py", "modeling_dit.py", "
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny tensors: one intra-op thread is faster here and immune to oversubscription on a busy 2-core runner
+    (restored afterwards, so other test modules are unaffected)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def logits_of(model, variant: str, ids: torch.Tensor, attention_mask=None, seed: int = 0) -> torch.Tensor:
@@ -448,7 +461,7 @@ def test_nelbo_of_untrained_discrete_model_is_order_log_v(batch):
     """Zero-init discrete models predict uniform x_theta; their NELBO estimates average to about log V (uniform
     state: exactly log V in expectation up to the prior term, see test_scheduling; MDLM: log(V - 1) since SUBS drops
     the mask token)."""
-    for variant_name, target in (("sddlm", math.log(VOCAB)), ("mdlm", math.log(VOCAB - 1))):
+    for variant_name, target in (("duo", math.log(VOCAB)), ("mdlm", math.log(VOCAB - 1))):
         model = VARIANTS[variant_name][1](tiny_config(variant_name)).eval()
         ids = batch.repeat(20, 1)  # 60 sequences, 60 stratified times
         with torch.no_grad():
@@ -612,11 +625,10 @@ def test_generate_other_samplers(variant, batch):
     assert torch.equal(filtered[:, :3], prompt)
 
 
-@pytest.mark.parametrize("variant_name", UNIFORM)
-def test_greedy_tail_last_step_is_argmax(variant_name, batch):
+def test_greedy_tail_last_step_is_argmax(batch):
     """greedy_tail's last step takes argmax x_hat at t = 1/num_steps: with one step that is argmax of the logits at
     the prior sample z_1 ~ Uniform (drawn from the same generator state)."""
-    model = tiny_model(variant_name)
+    model = tiny_model("duo")
     out = model.generate(batch_size=BATCH, max_new_tokens=SEQ, num_steps=1, sampler="greedy_tail", generator=gen(4))
     z_1 = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen(4))
     with torch.no_grad():
@@ -717,6 +729,18 @@ def test_generate_rejects_bad_arguments(variant, batch):
     assert model.generation_config.num_steps == 128
 
 
+def test_generate_accepts_plain_generation_config(variant):
+    """A stock transformers GenerationConfig is lifted into the variant's class; its fields and the kwargs apply."""
+    model = tiny_model(variant)
+    out = model.generate(generation_config=GenerationConfig(max_new_tokens=3), batch_size=2, num_steps=2,
+                         generator=gen(0), return_dict_in_generate=True, output_trajectory=True)
+    assert out.sequences.shape == (2, 3) and out.trajectory.shape == (2, 2, 3)
+    custom = GENERATION_CONFIGS[variant](max_new_tokens=4, num_steps=3, return_dict_in_generate=True,
+                                         output_trajectory=True)
+    out = model.generate(generation_config=custom, generator=gen(0))
+    assert out.sequences.shape == (1, 4) and out.trajectory.shape[0] == 3
+
+
 def test_generate_progress_bar(capsys):
     model = tiny_model("sddlm")
     capsys.readouterr()
@@ -761,7 +785,7 @@ def forced_model(variant_name: str, **overrides):
     return model
 
 
-@pytest.mark.parametrize("variant_name", DISCRETE)
+@pytest.mark.parametrize("variant_name", RAW_DENOISER)
 def test_forced_denoiser_generates_k_with_one_call_per_step(variant_name, batch):
     model = forced_model(variant_name)
     calls, handle = count_calls(model)
@@ -778,11 +802,36 @@ def test_forced_denoiser_generates_k_with_one_call_per_step(variant_name, batch)
         assert 1 <= calls[0] <= num_steps
 
 
-@pytest.mark.parametrize("variant_name", UNIFORM)
+@pytest.mark.parametrize("variant_name", UNIFORM + ["replaid"])
+def test_one_network_call_per_step(variant_name, batch):
+    model = tiny_model(variant_name)
+    calls, handle = count_calls(model)
+    out = model.generate(input_ids=batch[:, :2], max_new_tokens=4, num_steps=7, generator=gen(0),
+                         return_dict_in_generate=True)
+    handle.remove()
+    assert calls[0] == 7 == out.num_forward_passes
+
+
+@pytest.mark.parametrize("variant_name", RAW_DENOISER)
 def test_forced_denoiser_greedy_tail(variant_name):
     model = forced_model(variant_name)
     out = model.generate(batch_size=2, max_new_tokens=SEQ, num_steps=3, sampler="greedy_tail", generator=gen(1))
     assert bool((out == K).all())
+
+
+def test_mdlm_filtering_acts_on_subs_distribution():
+    """top-k/top-p filter x_hat, the SUBS distribution without the mask token, even when the raw mask logit is the
+    largest (it is never trained under SUBS): the nucleus never "spends" a slot or mass on the mask token."""
+    model = forced_model("mdlm")
+    with torch.no_grad():
+        bias = model.backbone.output_layer.linear.bias
+        bias.zero_()
+        bias[model.config.mask_token_id], bias[K], bias[3] = 5.0, 4.0, 3.9
+    top1 = model.generate(batch_size=2, max_new_tokens=6, num_steps=4, top_k=1, generator=gen(0))
+    assert bool((top1 == K).all()), top1
+    # SUBS probabilities: K 0.34, token 3 0.30, the 58 others 0.006 each: a 0.5 nucleus is exactly {K, 3}
+    nucleus = model.generate(batch_size=2, max_new_tokens=6, num_steps=4, top_p=0.5, generator=gen(0))
+    assert set(nucleus.unique().tolist()) <= {3, K} and not bool((nucleus == model.config.mask_token_id).any())
 
 
 def test_mdlm_caching_sampler_skips_calls_while_nothing_changes():
@@ -854,6 +903,14 @@ def test_filter_logits_top_p(top_p):
         assert probs[row][expected].sum() >= top_p
         assert probs[row][order[: m - 1]].sum() < top_p
     assert torch.equal(filter_logits(logits, top_p=1.0), logits)
+
+
+def test_filter_logits_top_p_exact_boundary():
+    """Probabilities that are exact in float32: a prefix that reaches top_p exactly ends the nucleus (as in
+    transformers' TopPLogitsWarper); the next token is not kept."""
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    for top_p, kept in ((0.5, 1), (0.6, 2), (0.75, 2), (0.76, 3), (0.875, 3), (0.9, 4)):
+        assert int(torch.isfinite(filter_logits(logits, top_p=top_p)).sum()) == kept, top_p
 
 
 def test_filter_logits_temperature_and_composition():

@@ -43,6 +43,16 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny tensors: one intra-op thread is faster here and immune to oversubscription on a busy 2-core runner
+    (restored afterwards, so other test modules are unaffected)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def random_probs(shape, seed: int, sharpness: float = 2.0, dtype=F64) -> torch.Tensor:
     """Random rows of probabilities (softmax of scaled Gaussians)."""
     return (torch.randn(shape, generator=gen(seed), dtype=dtype) * sharpness).softmax(-1)
