@@ -261,7 +261,8 @@ class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
     the clean token given the *rest* of the sequence. Any denoiser gives a valid ELBO; the exact posterior given
     z_t follows from Bayes' rule with the forward kernel q(z_t^l | x^l = v) = alpha_t 1[v = z_t^l] + (1 - alpha_t)/V:
         x_hat(v) proportional to x_theta(v) (alpha_t 1[v = z_t^l] + (1 - alpha_t) / V)
-    `config.elbo_denoiser="bayes"` (default) plugs this x_hat into the ELBO and the sampler; `"raw"` uses x_theta.
+    `config.elbo_denoiser="bayes"` plugs this x_hat into the ELBO and the sampler; `"raw"` (default) uses x_theta,
+    which is tighter in practice: an imperfect network's tail mass on z_t gets multiplied by ~alpha V / (1 - alpha).
     """
 
     config_class = SDDLMConfig

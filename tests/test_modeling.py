@@ -935,3 +935,24 @@ def test_ignored_autoregressive_kwargs_are_accepted(batch):
     b = model.generate(input_ids=batch[:, :2], max_new_tokens=3, num_steps=2, generator=gen(0), do_sample=True,
                        num_beams=1, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_sddlm_bayes_denoiser_matches_brute_force_bayes_rule():
+    """x_hat(v) ∝ x_theta(v) q(z_t | x = v), q(z | v) = alpha 1[v = z] + (1 - alpha) / V, in log and prob space."""
+    model = tiny_model("sddlm", elbo_denoiser="bayes")
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, VOCAB, generator=g, dtype=torch.float64).float()
+    z_t = torch.randint(0, VOCAB, (2, 5), generator=g)
+    alpha = torch.tensor([0.3, 0.9])
+    log_x_hat = model.elbo_log_probs(logits, z_t, alpha)
+    x_theta = logits.double().softmax(-1)
+    kernel = (1 - alpha.double())[:, None, None] / VOCAB + alpha.double()[:, None, None] * torch.nn.functional.one_hot(
+        z_t, VOCAB).double()
+    expected = x_theta * kernel
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(log_x_hat.double().exp(), expected, atol=1e-6, rtol=1e-5)
+    for b in range(2):
+        probs = model.denoiser_probs(logits[b : b + 1], z_t[b : b + 1], alpha[b])
+        torch.testing.assert_close(probs.double(), expected[b : b + 1], atol=1e-6, rtol=1e-5)
+    model.config.elbo_denoiser = "raw"
+    torch.testing.assert_close(model.elbo_log_probs(logits, z_t, alpha), logits.log_softmax(-1))
