@@ -65,7 +65,7 @@ class DiffusionTrainer(Trainer):
         self._components: dict[str, list[float]] = defaultdict(list)
         self._micro_step = 0
         self._last_step = -1
-        self._eval_sums = None
+        self._eval_batches = 0
 
     # ---- randomness -------------------------------------------------------------------------------------------------
     def _generators(self, device) -> tuple[torch.Generator, torch.Generator, int]:
@@ -128,35 +128,29 @@ class DiffusionTrainer(Trainer):
 
     # ---- evaluation -------------------------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Returns (batch NELBO, per-sequence [NELBO sum, real tokens] (B, 2), None). The per-sequence sums travel as
+        "logits" so that the evaluation loop gathers them across ranks with `gather_for_metrics`, which drops the
+        samples a distributed sampler repeats to even out the last batch."""
         input_ids, attention_mask = self._batch(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        batch_index = self._eval_sums["batches"] if self._eval_sums is not None else 0
+        self._eval_batches += 1
         generator = torch.Generator(device=input_ids.device).manual_seed(
-            _mix(self.args.seed, batch_index, self.args.process_index, 3)
+            _mix(self.args.seed, self._eval_batches, self.args.process_index, 3)
         )
         nll, tokens = nelbo_batch_sums(unwrapped, input_ids, attention_mask,
                                        num_time_samples=self.args.eval_num_time_samples,
-                                       eps=self.args.sampling_eps, generator=generator)
-        if self._eval_sums is not None:
-            self._eval_sums["nll"] += nll
-            self._eval_sums["tokens"] += tokens
-            self._eval_sums["batches"] += 1
-        return (nll / tokens.clamp(min=1)).float().detach(), None, None
+                                       eps=self.args.sampling_eps, generator=generator, per_sequence=True)
+        sums = torch.stack([nll, tokens], dim=-1)  # (B, 2), float64
+        return (nll.sum() / tokens.sum().clamp(min=1)).float().detach(), sums, None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        device = self.args.device
-        self._eval_sums = {"nll": torch.zeros((), dtype=torch.float64, device=device),
-                           "tokens": torch.zeros((), dtype=torch.float64, device=device), "batches": 0}
-        try:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)
-            nll = float(self.accelerator.reduce(self._eval_sums["nll"], reduction="sum"))
-            tokens = float(self.accelerator.reduce(self._eval_sums["tokens"], reduction="sum"))
-        finally:
-            self._eval_sums = None
-        if tokens == 0:
+        self._eval_batches = 0
+        output = super().evaluation_loop(dataloader, description, False, ignore_keys, metric_key_prefix)
+        sums = output.predictions
+        if sums is None or len(sums) == 0 or float(sums[:, 1].sum()) == 0:
             raise ValueError("the evaluation dataset produced no tokens")
+        nll, tokens = float(sums[:, 0].sum()), float(sums[:, 1].sum())
         nelbo = nll / tokens
         output.metrics.update({
             f"{metric_key_prefix}_loss": nelbo,

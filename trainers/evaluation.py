@@ -24,8 +24,10 @@ def nelbo_batch_sums(
     num_time_samples: int = 1,
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
+    per_sequence: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token NELBO over real tokens, number of real tokens), float64 scalars; no gradients."""
+    """(sum of per-token NELBO over real tokens, number of real tokens), float64; scalars, or (B,) with
+    `per_sequence`. No gradients."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     total = None
@@ -36,6 +38,8 @@ def nelbo_batch_sums(
             total = per_token if total is None else total + per_token
     per_token = (total / num_time_samples).double()
     mask = torch.ones_like(per_token) if attention_mask is None else attention_mask.to(per_token.dtype)
+    if per_sequence:
+        return (per_token * mask).sum(-1), mask.sum(-1)
     return (per_token * mask).sum(), mask.sum()
 
 
