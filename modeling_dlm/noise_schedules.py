@@ -139,3 +139,56 @@ def antithetic_times(
     else:
         u = torch.rand(n, generator=generator, device=device)
     return (1 - eps) * u + eps
+
+
+# ---- Duo's diffusion transformation operator T (Gaussian -> uniform state) ---------------------------------------
+_T_TABLES: dict[tuple[int, float, float, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _argmax_probability(m: torch.Tensor, vocab_size: int, num_nodes: int = 3601) -> tuple[torch.Tensor, torch.Tensor]:
+    """p(m) = P(argmax(m e_x + eps) = x) = int phi(u) Phi(u + m)^(V-1) du and dp/dm, float64, by the trapezoid rule on
+    u in [-9, 9] (the integrand is smooth and negligible outside)."""
+    u = torch.linspace(-9.0, 9.0, num_nodes, dtype=torch.float64)  # (U,)
+    log_phi_u = -0.5 * u**2 - 0.5 * math.log(2 * math.pi)
+    shifted = u[None, :] + m.double()[:, None]  # (M, U)
+    log_cdf = torch.special.log_ndtr(shifted)
+    p = torch.trapezoid(torch.exp(log_phi_u + (vocab_size - 1) * log_cdf), u, dim=-1)
+    log_phi_shift = -0.5 * shifted**2 - 0.5 * math.log(2 * math.pi)
+    dp = torch.trapezoid(
+        torch.exp(log_phi_u + math.log(vocab_size - 1) + (vocab_size - 2) * log_cdf + log_phi_shift), u, dim=-1
+    )
+    return p, dp
+
+
+def diffusion_transformation(
+    gamma: torch.Tensor, vocab_size: int, gamma_min: float, gamma_max: float, num_points: int = 2049
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Duo's operator T (methods.md §B.2): uniform-state alpha of the argmax of a Gaussian latent, and d alpha/d gamma.
+
+    A variance-preserving Gaussian diffusion of one-hot vectors, w = alpha~ e_x + sigma~ eps with alpha~^2 =
+    sigmoid(-gamma), sigma~^2 = sigmoid(gamma), has argmax(w) ~ q_t(. | x; alpha) with
+        alpha = T(gamma) = (V p(gamma) - 1) / (V - 1),   p = int phi(u) Phi(u + m)^(V-1) du,   m = exp(-gamma / 2).
+    Computed here by quadrature for any vocabulary size (no tokenizer-keyed tables, no download), tabulated once per
+    (vocab_size, gamma range) on `num_points` points and linearly interpolated; float64 in, float64 out."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+    if not gamma_min < gamma_max:
+        raise ValueError(f"gamma_min ({gamma_min}) must be smaller than gamma_max ({gamma_max})")
+    key = (vocab_size, float(gamma_min), float(gamma_max), num_points)
+    if key not in _T_TABLES:
+        grid = torch.linspace(gamma_min, gamma_max, num_points, dtype=torch.float64)
+        m = torch.exp(-grid / 2)
+        p, dp_dm = _argmax_probability(m, vocab_size)
+        alpha = (vocab_size * p - 1) / (vocab_size - 1)
+        dalpha = vocab_size / (vocab_size - 1) * dp_dm * (-m / 2)
+        _T_TABLES[key] = (grid, alpha, dalpha)
+    grid, alpha_table, dalpha_table = _T_TABLES[key]
+    g = gamma.double().clamp(gamma_min, gamma_max)
+    position = (g - gamma_min) / (gamma_max - gamma_min) * (num_points - 1)
+    lo = position.floor().long().clamp(max=num_points - 2)
+    frac = position - lo
+    device = gamma.device
+    alpha_table, dalpha_table = alpha_table.to(device), dalpha_table.to(device)
+    alpha = alpha_table[lo] * (1 - frac) + alpha_table[lo + 1] * frac
+    dalpha = dalpha_table[lo] * (1 - frac) + dalpha_table[lo + 1] * frac
+    return alpha, dalpha

@@ -167,3 +167,28 @@ class UniformStateScheduler:
         log_term = torch.log(xbar * xbar_theta_z / (xbar_z * xbar_theta))
         inner = V / xbar_z.squeeze(-1) - V / xbar_theta_z.squeeze(-1) - (ratio * log_term).sum(-1)
         return dalpha / (V * alpha.squeeze(-1)) * inner
+
+
+def gaussian_coupled_latents(
+    x0: torch.Tensor,
+    signal_to_noise: list[torch.Tensor],
+    vocab_size: int,
+    generator: torch.Generator | None = None,
+) -> list[torch.Tensor]:
+    """argmax(alpha~ e_x + sigma~ eps) for several noise levels sharing ONE Gaussian eps (Duo's deterministic
+    trajectory given x, methods.md §B.3.3), without building the (B, L, V) latent.
+
+    With m = alpha~ / sigma~, the argmax is x iff eps_x + m > M = max_{j != x} eps_j, and otherwise the arg of that
+    maximum, which is uniform over the other V - 1 tokens. M has CDF Phi(u)^(V-1), so M = Phi^-1(U^(1/(V-1))).
+    `signal_to_noise` holds one m per level, each a scalar or (B,); returns one z (B, L) per level."""
+    shape = x0.shape
+    eps_x = torch.randn(shape, generator=generator, device=x0.device, dtype=torch.float64)
+    u = torch.rand(shape, generator=generator, device=x0.device, dtype=torch.float64).clamp_min(1e-300)
+    max_others = torch.special.ndtri(torch.exp(torch.log(u) / (vocab_size - 1)))  # (B, L)
+    r = torch.randint(0, vocab_size - 1, shape, generator=generator, device=x0.device)
+    other = r + (r >= x0).long()  # uniform over V \ {x}
+    out = []
+    for m in signal_to_noise:
+        m = _as_column(m, x0, torch.float64)
+        out.append(torch.where(eps_x + m > max_others, x0, other))
+    return out

@@ -51,6 +51,7 @@ def test_console_script_and_help():
         "generate": ("--num_steps", "--sampler", "--num_samples", "--prompt", "--top_p"),
         "push": ("model_dir", "repo_id"),
         "quickstart": ("--output_dir", "--max_steps"),
+        "distill": ("--teacher", "--distill_round_steps", "--distill_num_steps", "--seq_len", "--max_steps"),
     }
     for command, expected in flags.items():
         result = run_dlm(command, "--help", timeout=120)
@@ -110,7 +111,7 @@ def test_train_ar_baseline_and_eval(tmp_path, text_file):
         (("train", "--config", "/nonexistent.json"), "not found"),
         (("eval", "/nonexistent-dir"), "nonexistent"),
         (("push", "/nonexistent-dir", "me/repo"), "config.json is missing"),
-        (("distill",), "not available"),
+        (("distill", "--teacher", "/nonexistent-teacher"), "nonexistent-teacher"),
         (("frobnicate",), "unknown command"),
     ],
 )
@@ -133,3 +134,47 @@ def test_quickstart_runs_offline_and_saves_a_loadable_checkpoint(tmp_path):
     assert type(model).__name__ == "DuoForDiffusionLM"
     ids = model.generate(batch_size=1, max_new_tokens=8, num_steps=2, generator=torch.Generator().manual_seed(0))
     assert ids.shape == (1, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["sddlm", "mdlm"])
+def test_cli_training_lowers_the_bound_well_below_log_v(variant, tmp_path, text_file):
+    out = tmp_path / variant
+    gpt2 = str(shared_data("tokenizers", "gpt2"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": variant, "hidden_size": 64, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "cond_dim": 32, "hidden_dropout_prob": 0.0}))
+    common = ("--dataset", str(text_file), "--seq_len", "32", "--max_eval_samples", "32")
+    before = None
+    run_dlm("train", "--variant", variant, "--config", str(config), "--tokenizer", gpt2, *common, "--max_steps", "1",
+            "--learning_rate", "1e-9", "--output_dir", str(tmp_path / "init"), "--report_to", "none", "--use_cpu",
+            "--save_strategy", "no")
+    before = last_json(run_dlm("eval", str(tmp_path / "init"), *common).stdout)["nelbo"]
+    run_dlm("train", "--variant", variant, "--config", str(config), "--tokenizer", gpt2, *common, "--max_steps", "150",
+            "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+            "--output_dir", str(out), "--report_to", "none", "--use_cpu", "--save_strategy", "no",
+            "--disable_tqdm", "true")
+    after = last_json(run_dlm("eval", str(out), *common).stdout)["nelbo"]
+    log_v = math.log(50258 + (variant == "mdlm"))
+    assert before > log_v - 1.0
+    assert after < log_v - 2.0, (variant, before, after)
+
+
+def test_distill_a_duo_teacher_into_a_few_step_student(tmp_path, text_file):
+    teacher, student = tmp_path / "teacher", tmp_path / "student"
+    gpt2 = str(shared_data("tokenizers", "gpt2"))
+    common = ("--dataset", str(text_file), "--seq_len", "32", "--max_eval_samples", "8", "--report_to", "none",
+              "--use_cpu", "--save_strategy", "no", "--per_device_train_batch_size", "4")
+    run_dlm("train", "--variant", "duo", "--size", "tiny", "--tokenizer", gpt2, "--max_steps", "3",
+            "--output_dir", str(teacher), *common)
+    metrics = last_json(run_dlm("distill", "--teacher", str(teacher), "--distill_round_steps", "2",
+                                "--distill_num_steps", "8", "--max_steps", "4", "--output_dir", str(student),
+                                *common).stdout)
+    assert math.isfinite(metrics["eval_nelbo"])
+    model = AutoModel.from_pretrained(student, trust_remote_code=True)
+    assert type(model).__name__ == "DuoForDiffusionLM"
+    assert model.generation_config.num_steps == 8 and model.generation_config.sampler == "greedy_tail"
+    assert (student / "tokenizer.json").is_file()
+    result = run_dlm("distill", "--teacher", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x"),
+                     check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -3,7 +3,7 @@
 from .arguments import DiffusionTrainingArguments
 from .base import DiffusionTrainer
 from .callbacks import EMACallback
-from .duo import DuoTrainer
+from .duo import DuoDistillationTrainer, DuoTrainer
 from .mdlm import MDLMTrainer
 from .replaid import RePlaidTrainer
 from .sddlm import SDDLMTrainer
@@ -15,6 +15,7 @@ __all__ = [
     "TRAINERS",
     "DiffusionTrainer",
     "DiffusionTrainingArguments",
+    "DuoDistillationTrainer",
     "DuoTrainer",
     "EMACallback",
     "MDLMTrainer",

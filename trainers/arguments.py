@@ -28,6 +28,18 @@ class DiffusionTrainingArguments(TrainingArguments):
     eval_num_time_samples: int = field(
         default=1, metadata={"help": "Time samples per sequence when the Trainer evaluates the NELBO."}
     )
+    distill_round_steps: int = field(
+        default=10_000,
+        metadata={"help": "DCD: steps per round; each round refreshes the teacher from the student and doubles dt."},
+    )
+    distill_num_steps: int = field(
+        default=512, metadata={"help": "DCD: T, the step grid of the first round (dt = 2^round / T)."}
+    )
+    distill_gamma_min: float = field(default=-4.0, metadata={"help": "DCD: log-SNR gamma at t = 0 (linear in t)."})
+    distill_gamma_max: float = field(default=-1.0, metadata={"help": "DCD: log-SNR gamma at t = 1."})
+    distill_divergence: str = field(
+        default="kl-bwd", metadata={"help": "DCD loss: 'kl-bwd' = KL(student || teacher) (default), 'kl-fwd'."}
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: diffusion losses read the batch themselves (input_ids, attention_mask)."},
@@ -39,5 +51,13 @@ class DiffusionTrainingArguments(TrainingArguments):
             raise ValueError(f"`sampling_eps` must be in [0, 1), got {self.sampling_eps!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay!r}")
+        if self.distill_round_steps < 1 or self.distill_num_steps < 1:
+            raise ValueError(f"`distill_round_steps` and `distill_num_steps` must be >= 1, got "
+                             f"{self.distill_round_steps!r} and {self.distill_num_steps!r}")
+        if not self.distill_gamma_min < self.distill_gamma_max:
+            raise ValueError(f"`distill_gamma_min` ({self.distill_gamma_min!r}) must be smaller than "
+                             f"`distill_gamma_max` ({self.distill_gamma_max!r})")
+        if self.distill_divergence not in ("kl-bwd", "kl-fwd"):
+            raise ValueError(f"`distill_divergence` must be 'kl-bwd' or 'kl-fwd', got {self.distill_divergence!r}")
         if self.eval_num_time_samples < 1:
             raise ValueError(f"`eval_num_time_samples` must be >= 1, got {self.eval_num_time_samples!r}")

@@ -347,11 +347,39 @@ def cmd_push(argv: list[str]) -> int:
 
 
 # ---- distill --------------------------------------------------------------------------------------------------------
+@dataclass
+class DistillArguments:
+    teacher: str = field(metadata={"help": "Trained Duo checkpoint; the student starts from it."})
+
+
 def cmd_distill(argv: list[str]) -> int:
-    raise NotImplementedError(
-        "dlm distill (Discrete Consistency Distillation) is not available in this release yet; it lands with "
-        "DuoDistillationTrainer"
+    from trainers import DiffusionTrainingArguments, DuoDistillationTrainer
+    from trainers.data import build_datasets
+
+    parser = _hf_parser(DistillArguments, DataArguments, DiffusionTrainingArguments)
+    parser.prog = "dlm distill"
+    distill_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    student = _load_model(distill_args.teacher, "cpu")
+    if student.config.model_type != "duo":
+        raise ValueError(f"--teacher must be a Duo checkpoint, got model_type {student.config.model_type!r}")
+    student.train()
+    tokenizer = _load_checkpoint_tokenizer(distill_args.teacher, student)
+    if data_args.seq_len > student.config.max_position_embeddings:
+        raise ValueError(f"--seq_len {data_args.seq_len} exceeds the teacher's max_position_embeddings "
+                         f"{student.config.max_position_embeddings}")
+    train_ds, eval_ds = build_datasets(
+        data_args.dataset, tokenizer, data_args.seq_len, data_args.mode, dataset_config=data_args.dataset_config,
+        text_column=data_args.text_column, num_proc=data_args.num_proc, streaming=data_args.streaming,
+        max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
     )
+    trainer = DuoDistillationTrainer(model=student, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                     processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    metrics = trainer.evaluate() if eval_ds is not None else {}
+    if trainer.is_world_process_zero():
+        print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
+    return 0
 
 
 # ---- quickstart -----------------------------------------------------------------------------------------------------

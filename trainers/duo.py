@@ -1,15 +1,34 @@
 """Duo objective (arXiv 2506.10892), methods.md §B.3.
 
-This slice trains with the uniform-state ELBO of §B.3.1 (the objective Duo uses after its curriculum, and the one
-every uniform-state model is evaluated with). The Gaussian-guided curriculum and Discrete Consistency Distillation
-(`DuoDistillationTrainer`) are tracked in their own issue.
+- `DuoTrainer` trains with the uniform-state ELBO of §B.3.1 (the objective Duo uses after its curriculum, and the one
+  every uniform-state model is evaluated with). The Gaussian-guided curriculum is tracked in its own issue.
+- `DuoDistillationTrainer`: Discrete Consistency Distillation (§B.3.3, `s-sahoo/duo@ch-1: algo.py Distillation`).
+  The student starts from a trained Duo model; the teacher is a frozen copy of the student, refreshed every
+  `distill_round_steps` steps, when dt = 2^round / `distill_num_steps` doubles. Per batch:
+      t ~ stratified U[eps, 1];  t <- min(t + dt, 1);  s = t - dt
+      gamma linear in t on [distill_gamma_min, distill_gamma_max];  alpha = T(gamma) (Duo's operator)
+      z_t, z_s = argmax of alpha~ e_x + sigma~ eps for ONE shared eps (a deterministic trajectory given x)
+      loss = KL(p_student(. | z_t, t) || p_teacher(. | z_s, s)) per token (reverse KL; `kl-fwd` swaps it)
+  The shared-noise argmaxes are drawn in O(B L) (`gaussian_coupled_latents`), not from a (B, L, V) latent.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import os
+
 import torch
+from safetensors.torch import load_file, save_file
+
+from modeling_dlm.noise_schedules import diffusion_transformation
+from modeling_dlm.scheduling_uniform import gaussian_coupled_latents
 
 from .base import DiffusionTrainer, masked_mean
+
+
+logger = logging.getLogger(__name__)
+TEACHER_WEIGHTS_NAME = "teacher.safetensors"
 
 
 def uniform_nelbo_loss(logits, x0, z_t, alpha, dalpha, scheduler, attention_mask=None):
@@ -25,3 +44,91 @@ class DuoTrainer(DiffusionTrainer):
         z_t, _ = unwrapped.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
         logits = model(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
         return uniform_nelbo_loss(logits, input_ids, z_t, alpha, dalpha, unwrapped.noise_scheduler, attention_mask)
+
+
+def consistency_distillation_loss(student_logits, teacher_logits, attention_mask=None, divergence="kl-bwd"):
+    """Per-token KL between student and (detached) teacher predictions, token-averaged; float32."""
+    log_s = student_logits.float().log_softmax(-1)
+    log_t = teacher_logits.float().log_softmax(-1).detach()
+    if divergence == "kl-bwd":
+        per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
+    elif divergence == "kl-fwd":
+        per_token = (log_t.exp() * (log_t - log_s)).sum(-1)
+    else:
+        raise ValueError(f"`divergence` must be 'kl-bwd' or 'kl-fwd', got {divergence!r}")
+    loss = masked_mean(per_token, attention_mask)
+    return loss, {"kl": loss.detach()}
+
+
+class DuoDistillationTrainer(DiffusionTrainer):
+    """Discrete Consistency Distillation of a Duo model into a few-step sampler (see the module docstring)."""
+
+    #: generation defaults written into the distilled checkpoint
+    distilled_generation = {"num_steps": 8, "sampler": "greedy_tail"}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not hasattr(unwrapped, "elbo_log_probs") or unwrapped.config.model_type not in ("duo", "sddlm"):
+            raise TypeError(f"DCD distils a uniform-state (Duo) model, got {type(unwrapped).__name__}")
+        self.teacher = None
+        self.teacher_round = -1
+        for key, value in self.distilled_generation.items():
+            setattr(unwrapped.generation_config, key, value)
+
+    def distill_round(self, step: int) -> int:
+        return step // self.args.distill_round_steps
+
+    def dt(self, round_index: int) -> float:
+        return min(2.0**round_index / self.args.distill_num_steps, 1.0)
+
+    def refresh_teacher(self, unwrapped, round_index: int) -> None:
+        self.teacher = copy.deepcopy(unwrapped).eval().requires_grad_(False)
+        self.teacher_round = round_index
+        logger.info("DCD round %d: teacher refreshed from the student, dt = %.5f", round_index, self.dt(round_index))
+
+    def _alpha(self, t, vocab_size):
+        a = self.args
+        gamma = a.distill_gamma_min + t.double() * (a.distill_gamma_max - a.distill_gamma_min)
+        alpha, _ = diffusion_transformation(gamma, vocab_size, a.distill_gamma_min, a.distill_gamma_max)
+        return gamma, alpha
+
+    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+        round_index = self.distill_round(self.state.global_step)
+        if self.teacher is None or (model.training and round_index != self.teacher_round):
+            self.refresh_teacher(unwrapped, round_index)
+        dt = self.dt(round_index)
+        V = unwrapped.config.vocab_size
+        t = (t.double() + dt).clamp(max=1.0)
+        s = t - dt
+        gamma_t, alpha_t = self._alpha(t, V)
+        gamma_s, alpha_s = self._alpha(s, V)
+        m_t, m_s = torch.exp(-gamma_t / 2), torch.exp(-gamma_s / 2)  # alpha~ / sigma~
+        z_t, z_s = gaussian_coupled_latents(input_ids, [m_t, m_s], V, generator=generator)
+        student = model(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha_t).float()).logits
+        with torch.no_grad():
+            teacher = self.teacher(input_ids=z_s, attention_mask=attention_mask,
+                                   sigma=-torch.log(alpha_s).float()).logits
+        loss, stats = consistency_distillation_loss(student, teacher, attention_mask, self.args.distill_divergence)
+        stats["dt"] = torch.tensor(dt)
+        return loss, stats
+
+    # the teacher travels with checkpoints, so a resumed run keeps the round's teacher
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.teacher is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            state = {k: v.contiguous().cpu() for k, v in self.teacher.state_dict().items()}
+            save_file(state, os.path.join(folder, TEACHER_WEIGHTS_NAME), metadata={"round": str(self.teacher_round)})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, TEACHER_WEIGHTS_NAME)
+        if os.path.isfile(path):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                round_index = int(f.metadata()["round"])
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            self.refresh_teacher(unwrapped, round_index)
+            self.teacher.load_state_dict(load_file(path, device=str(self.args.device)))

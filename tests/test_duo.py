@@ -1,0 +1,161 @@
+"""Duo: the Gaussian -> uniform operator T, shared-noise latents and Discrete Consistency Distillation."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_dlm.noise_schedules import _argmax_probability, diffusion_transformation
+from modeling_dlm.scheduling_uniform import gaussian_coupled_latents
+from trainers import DiffusionTrainingArguments, DuoDistillationTrainer
+from trainers.duo import consistency_distillation_loss
+
+from .conftest import VOCAB, tiny_model
+
+
+def gaussian_argmax(x: torch.Tensor, gamma: float, vocab: int, eps: torch.Tensor) -> torch.Tensor:
+    """Brute force: argmax of alpha~ e_x + sigma~ eps with the (N, V) Gaussian materialised."""
+    a = math.sqrt(torch.sigmoid(torch.tensor(-gamma)).item())
+    s = math.sqrt(torch.sigmoid(torch.tensor(gamma)).item())
+    return (a * torch.nn.functional.one_hot(x, vocab).double() + s * eps).argmax(-1)
+
+
+@pytest.mark.parametrize("vocab", [5, 100, 1000])
+@pytest.mark.parametrize("gamma", [-3.0, -1.0, 1.5])
+def test_operator_matches_monte_carlo_argmax_frequencies(vocab, gamma):
+    n = 40_000
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(0, vocab, (n,), generator=g)
+    z = gaussian_argmax(x, gamma, vocab, torch.randn(n, vocab, generator=g, dtype=torch.float64))
+    p_hat = (z == x).double().mean().item()
+    alpha, _ = diffusion_transformation(torch.tensor([gamma]), vocab, -5.0, 5.0)
+    p = alpha.item() + (1 - alpha.item()) / vocab
+    assert abs(p_hat - p) < 4 * math.sqrt(p * (1 - p) / n) + 1e-4, (p_hat, p)
+
+
+def test_operator_reproduces_the_reference_ranges_at_gpt2_vocabulary():
+    """methods.md §B.2: gamma in [-4, -1] gives alpha in about [0.0062, 0.9987] and [-3.55, -1.85] gives
+    [0.049, 0.945] for V = 50257 (computed there from the authors' shipped caches)."""
+    alpha, _ = diffusion_transformation(torch.tensor([-4.0, -1.0]), 50257, -4.0, -1.0)
+    assert alpha[0].item() == pytest.approx(0.9987, abs=1e-4)
+    assert alpha[1].item() == pytest.approx(0.0062, abs=1e-4)
+    alpha, _ = diffusion_transformation(torch.tensor([-3.55, -1.85]), 50257, -3.55, -1.85)
+    assert alpha[0].item() == pytest.approx(0.945, abs=1e-3)
+    assert alpha[1].item() == pytest.approx(0.049, abs=1e-3)
+
+
+def test_operator_derivative_monotonicity_and_cache():
+    gammas = torch.linspace(-4.0, -1.0, 301, dtype=torch.float64)
+    alpha, dalpha = diffusion_transformation(gammas, 30522, -4.0, -1.0)
+    assert bool((alpha[1:] < alpha[:-1]).all()) and bool((dalpha < 0).all())
+    # the tabulated derivative against central differences of the exact (untabulated) quadrature
+    h, inner, V = 1e-4, gammas[1:-1:10], 30522
+
+    def exact_alpha(g):
+        p, _ = _argmax_probability(torch.exp(-g / 2), V)
+        return (V * p - 1) / (V - 1)
+
+    _, d = diffusion_transformation(inner, V, -4.0, -1.0)
+    torch.testing.assert_close((exact_alpha(inner + h) - exact_alpha(inner - h)) / (2 * h), d, rtol=1e-3, atol=1e-6)
+    table_alpha, _ = diffusion_transformation(inner, V, -4.0, -1.0)
+    torch.testing.assert_close(table_alpha, exact_alpha(inner), rtol=0, atol=1e-5)
+    start = time.perf_counter()
+    diffusion_transformation(gammas, 30522, -4.0, -1.0)
+    assert time.perf_counter() - start < 0.05  # tabulated once per (V, range)
+    with pytest.raises(ValueError, match="gamma_min"):
+        diffusion_transformation(gammas, 30522, -1.0, -4.0)
+
+
+def test_coupled_latents_match_a_shared_gaussian_trajectory():
+    """Marginals and the joint of (z_t, z_s) equal those of argmax over one materialised Gaussian eps."""
+    vocab, n = 20, 60_000
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (1, n), generator=g)
+    gamma_t, gamma_s = -0.5, -2.0
+    m = [math.exp(-gamma_t / 2), math.exp(-gamma_s / 2)]
+    z_t, z_s = gaussian_coupled_latents(x, [torch.tensor(m[0]), torch.tensor(m[1])], vocab, generator=g)
+    eps = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    b_t, b_s = gaussian_argmax(x[0], gamma_t, vocab, eps), gaussian_argmax(x[0], gamma_s, vocab, eps)
+    stats = lambda a, b: torch.stack([(a == x[0]).double().mean(), (b == x[0]).double().mean(),  # noqa: E731
+                                      (a == b).double().mean()])
+    ours, brute = stats(z_t[0], z_s[0]), stats(b_t, b_s)
+    assert torch.allclose(ours, brute, atol=4 * math.sqrt(0.25 / n) * 2), (ours, brute)
+    alpha, _ = diffusion_transformation(torch.tensor([gamma_t]), vocab, -5.0, 5.0)
+    assert ours[0].item() == pytest.approx(alpha.item() + (1 - alpha.item()) / vocab, abs=0.01)
+    # a corrupted token is never x, and is uniform over the others
+    wrong = z_t[0][z_t[0] != x[0]]
+    assert len(wrong) > 1000
+
+
+def test_distillation_loss_is_a_divergence():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    same, _ = consistency_distillation_loss(a, a)
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    for divergence in ("kl-bwd", "kl-fwd"):
+        loss, _ = consistency_distillation_loss(a, b, divergence=divergence)
+        assert loss.item() > 0
+    fwd, _ = consistency_distillation_loss(a, b, divergence="kl-fwd")
+    bwd, _ = consistency_distillation_loss(b, a, divergence="kl-bwd")
+    assert fwd.item() == pytest.approx(bwd.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="divergence"):
+        consistency_distillation_loss(a, b, divergence="js")
+
+
+def _distill_args(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path), max_steps=7, per_device_train_batch_size=4, learning_rate=1e-3,
+                  logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0,
+                  distill_round_steps=3, distill_num_steps=16, lr_scheduler_type="constant")
+    kwargs.update(overrides)
+    return DiffusionTrainingArguments(**kwargs)
+
+
+def _ids_dataset():
+    g = torch.Generator().manual_seed(0)
+    return datasets.Dataset.from_dict({"input_ids": torch.randint(0, VOCAB - 1, (64, 7), generator=g).tolist()})
+
+
+def test_distillation_rounds_refresh_the_teacher_and_double_dt(tmp_path):
+    student = tiny_model("duo").train()
+    trainer = DuoDistillationTrainer(model=student, args=_distill_args(tmp_path), train_dataset=_ids_dataset())
+    assert student.generation_config.num_steps == 8 and student.generation_config.sampler == "greedy_tail"
+    assert [trainer.dt(r) for r in range(4)] == [1 / 16, 2 / 16, 4 / 16, 8 / 16]
+    refreshes = []
+    original = trainer.refresh_teacher
+
+    def spy(unwrapped, round_index):
+        original(unwrapped, round_index)
+        refreshes.append((trainer.state.global_step, round_index))
+        for (name, p), q in zip(unwrapped.named_parameters(), trainer.teacher.parameters()):
+            assert torch.equal(p, q) and not q.requires_grad, name
+
+    trainer.refresh_teacher = spy
+    trainer.train()
+    assert refreshes == [(0, 0), (3, 1), (6, 2)]
+    logged = [h for h in trainer.state.log_history if "kl" in h]
+    assert len(logged) == 7 and all(math.isfinite(h["kl"]) and h["kl"] >= 0 for h in logged)
+    assert [h["dt"] for h in logged] == pytest.approx([1 / 16] * 3 + [2 / 16] * 3 + [4 / 16])
+    # the student moved away from the last teacher after the refresh at step 6
+    assert any(not torch.equal(p, q) for p, q in zip(student.parameters(), trainer.teacher.parameters()))
+
+
+def test_distillation_checkpoint_keeps_the_round_teacher(tmp_path):
+    args = _distill_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=4)
+    trainer = DuoDistillationTrainer(model=tiny_model("duo").train(), args=args, train_dataset=_ids_dataset())
+    trainer.train()
+    saved = load_file(tmp_path / "checkpoint-4" / "teacher.safetensors")
+    resumed = DuoDistillationTrainer(model=tiny_model("duo", seed=5).train(), args=args, train_dataset=_ids_dataset())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.teacher_round == 1
+    for name, value in resumed.teacher.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+
+def test_distillation_rejects_a_masked_model(tmp_path):
+    with pytest.raises(TypeError, match="uniform-state"):
+        DuoDistillationTrainer(model=tiny_model("mdlm"), args=_distill_args(tmp_path))
