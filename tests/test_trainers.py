@@ -211,3 +211,36 @@ def test_bound_falls_well_below_log_v_on_real_text(variant, tmp_path, gpt2_token
     log_v = math.log(len(gpt2_tokenizer))
     assert before > log_v - 1.0
     assert after < log_v - 2.0, (variant, before, after, log_v)
+
+
+def test_sddlm_loss_pure_function():
+    from trainers.sddlm import sddlm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g, requires_grad=True)
+    x0 = torch.randint(0, 11, (2, 6), generator=g)
+    positions = torch.zeros(2, 6, dtype=torch.bool)
+    positions[0, 1] = positions[1, 4] = True
+    probs = logits.softmax(-1)
+    for regularizer, weight in (("none", 1.0), ("mean", 0.5)):
+        loss, stats = sddlm_loss(logits, x0, positions, regularizer=regularizer, regularizer_weight=weight, eps=0.0)
+        picked = [(0, 1), (1, 4)]
+        ce = sum(-math.log(probs[b, l, x0[b, l]].item()) for b, l in picked) / 2
+        reg = sum(probs[b, l].log().mean().item() for b, l in picked) / 2 if regularizer == "mean" else 0.0
+        assert loss.item() == pytest.approx(ce + weight * reg, rel=1e-5)
+        assert stats["corrupted_fraction"].item() == pytest.approx(2 / 12)
+    # only the corrupted positions receive gradient
+    loss, _ = sddlm_loss(logits, x0, positions, regularizer="mean")
+    loss.backward()
+    touched = logits.grad.abs().sum(-1) > 0
+    assert torch.equal(touched, positions)
+    # sampled negatives: an unbiased estimate of the mean form
+    many = torch.stack([sddlm_loss(logits, x0, positions, regularizer="sampled", num_negative_samples=64,
+                                   generator=g)[1]["reg"] for _ in range(50)]).mean()
+    exact = sddlm_loss(logits, x0, positions, regularizer="mean")[1]["reg"]
+    assert many.item() == pytest.approx(exact.item(), abs=0.05)
+    # nothing corrupted: a zero loss that still reaches the graph
+    zero, _ = sddlm_loss(logits, x0, torch.zeros_like(positions))
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match="regularizer"):
+        sddlm_loss(logits, x0, positions, regularizer="contrastive")
