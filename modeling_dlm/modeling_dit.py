@@ -185,7 +185,8 @@ class DiTBlock(GradientCheckpointingLayer):
         self.attn = DiTAttention(config)
         self.norm2 = DiTLayerNorm(d, config.layer_norm_eps)
         self.mlp = DiTMLP(config)
-        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * d, bias=True)  # zero-initialised
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 6 * d, bias=True)
+        self.adaLN_modulation.zero_init = True  # read by `_init_weights`: each block starts as the identity
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -212,8 +213,9 @@ class DiTFinalLayer(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.norm_final = DiTLayerNorm(d, config.layer_norm_eps)
-        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * d, bias=True)  # zero-initialised
-        self.linear = nn.Linear(d, config.vocab_size, bias=True)  # zero-initialised
+        self.adaLN_modulation = nn.Linear(config.cond_dim, 2 * d, bias=True)
+        self.linear = nn.Linear(d, config.vocab_size, bias=True)
+        self.adaLN_modulation.zero_init = self.linear.zero_init = True  # an untrained model predicts uniformly
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, dim=-1)

@@ -103,6 +103,12 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
             pass  # its Linear children are handled above
 
     # ---- shared helpers --------------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
     def _check_batch(self, input_ids, attention_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must be a 2-D tensor (batch, seq_len), got shape "
@@ -153,17 +159,8 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.backbone = DiTModel(config)
-        self.backbone.blocks.apply(_mark_adaln)
-        self.backbone.output_layer.adaLN_modulation.zero_init = True
-        self.backbone.output_layer.linear.zero_init = True
         self.schedule = get_schedule(config.noise_schedule, config.schedule_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.backbone.output_layer.linear
@@ -221,11 +218,6 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         if return_dict is False:
             return (logits,) if hidden_states is None else (logits, hidden_states)
         return DiffusionLMOutput(logits=logits, hidden_states=hidden_states)
-
-
-def _mark_adaln(module: nn.Module) -> None:
-    if hasattr(module, "adaLN_modulation"):
-        module.adaLN_modulation.zero_init = True
 
 
 class UniformDiffusionLM(DiscreteDiffusionLM):
@@ -347,17 +339,8 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         self.self_cond_proj.zero_init = True
         self.noise_schedule = LearnedGammaSchedule(config.schedule_hidden_size, config.gamma_0, config.gamma_1)
         self.backbone = DiTModel(config)
-        self.backbone.blocks.apply(_mark_adaln)
-        self.backbone.output_layer.adaLN_modulation.zero_init = True
-        self.backbone.output_layer.linear.zero_init = True
         self.noise_scheduler = GaussianEmbeddingScheduler(d_e)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def normalized_embeddings(self) -> torch.Tensor:
         weight = self.embed_tokens.weight.float()

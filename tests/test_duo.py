@@ -159,3 +159,39 @@ def test_distillation_checkpoint_keeps_the_round_teacher(tmp_path):
 def test_distillation_rejects_a_masked_model(tmp_path):
     with pytest.raises(TypeError, match="uniform-state"):
         DuoDistillationTrainer(model=tiny_model("mdlm"), args=_distill_args(tmp_path))
+
+
+def test_curriculum_phase_then_elbo(tmp_path):
+    from trainers import DuoTrainer
+
+    args = _distill_args(tmp_path, max_steps=6, curriculum_steps=3)
+    trainer = DuoTrainer(model=tiny_model("duo").train(), args=args, train_dataset=_ids_dataset())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "curriculum" in h]
+    assert [h["curriculum"] for h in logged] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logged)
+
+
+def test_curriculum_loss_is_the_elbo_at_the_gaussian_argmax():
+    """With tau = 1e-3 the tempered softmax is the one-hot of argmax(w), so the curriculum loss equals the uniform ELBO
+    integrand at z_t = argmax(w) with alpha = T(gamma) and alpha' = T'(gamma) dgamma/dt."""
+    from trainers import DuoTrainer
+    from trainers.duo import uniform_nelbo_loss
+
+    model = tiny_model("duo")
+    trainer = DuoTrainer(model=model, args=_distill_args("/tmp/unused-dlm-test", curriculum_steps=5))
+    x = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    loss, stats = trainer.curriculum_loss(model, model, x, None, t, torch.Generator().manual_seed(0))
+    cfg = model.config
+    gamma = cfg.gamma_min + t.double() * (cfg.gamma_max - cfg.gamma_min)
+    alpha, dalpha_dgamma = diffusion_transformation(gamma, VOCAB, cfg.gamma_min, cfg.gamma_max)
+    eps = torch.randn(3, 7, VOCAB, generator=torch.Generator().manual_seed(0))
+    w = torch.sigmoid(-gamma).sqrt()[:, None, None] * torch.nn.functional.one_hot(x, VOCAB) + torch.sigmoid(
+        gamma).sqrt()[:, None, None] * eps
+    z_t = w.argmax(-1)
+    logits = model(input_ids=z_t, sigma=-torch.log(alpha).float()).logits
+    expected, _ = uniform_nelbo_loss(logits, x, z_t, alpha.float(), (dalpha_dgamma * (cfg.gamma_max - cfg.gamma_min))
+                                     .float(), model.noise_scheduler)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert stats["curriculum"].item() == 1.0

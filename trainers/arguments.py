@@ -28,6 +28,13 @@ class DiffusionTrainingArguments(TrainingArguments):
     eval_num_time_samples: int = field(
         default=1, metadata={"help": "Time samples per sequence when the Trainer evaluates the NELBO."}
     )
+    curriculum_steps: int = field(
+        default=0,
+        metadata={"help": "Duo: steps of the Gaussian-guided curriculum (0 disables it; the papers use 500K)."},
+    )
+    curriculum_tau: float = field(
+        default=1e-3, metadata={"help": "Duo: temperature of the softmax of the Gaussian latent fed to the model."}
+    )
     distill_round_steps: int = field(
         default=10_000,
         metadata={"help": "DCD: steps per round; each round refreshes the teacher from the student and doubles dt."},
@@ -59,5 +66,9 @@ class DiffusionTrainingArguments(TrainingArguments):
                              f"`distill_gamma_max` ({self.distill_gamma_max!r})")
         if self.distill_divergence not in ("kl-bwd", "kl-fwd"):
             raise ValueError(f"`distill_divergence` must be 'kl-bwd' or 'kl-fwd', got {self.distill_divergence!r}")
+        if self.curriculum_steps < 0:
+            raise ValueError(f"`curriculum_steps` must be >= 0, got {self.curriculum_steps!r}")
+        if not self.curriculum_tau > 0:
+            raise ValueError(f"`curriculum_tau` must be > 0, got {self.curriculum_tau!r}")
         if self.eval_num_time_samples < 1:
             raise ValueError(f"`eval_num_time_samples` must be >= 1, got {self.eval_num_time_samples!r}")

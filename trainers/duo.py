@@ -1,7 +1,12 @@
 """Duo objective (arXiv 2506.10892), methods.md §B.3.
 
-- `DuoTrainer` trains with the uniform-state ELBO of §B.3.1 (the objective Duo uses after its curriculum, and the one
-  every uniform-state model is evaluated with). The Gaussian-guided curriculum is tracked in its own issue.
+- `DuoTrainer` trains with the uniform-state ELBO of §B.3.1, the objective every uniform-state model is evaluated
+  with. While `global_step < curriculum_steps` it runs the Gaussian-guided curriculum (§B.3.2) instead:
+      gamma = gamma_min + t (gamma_max - gamma_min)   (DuoConfig; OWT run: -3.55, -1.85)
+      alpha, alpha' = T(gamma), T'(gamma) (gamma_max - gamma_min)   (Duo's operator, `diffusion_transformation`)
+      w = (alpha~ e_x + sigma~ eps) / tau,  eps ~ N(0, I_V)           a (B, L, V) Gaussian latent
+      the model sees softmax(w) as soft token weights; the ELBO integrand uses z_t = argmax(w) with alpha, alpha'.
+  Validation always reports the standard ELBO.
 - `DuoDistillationTrainer`: Discrete Consistency Distillation (§B.3.3, `s-sahoo/duo@ch-1: algo.py Distillation`).
   The student starts from a trained Duo model; the teacher is a frozen copy of the student, refreshed every
   `distill_round_steps` steps, when dt = 2^round / `distill_num_steps` doubles. Per batch:
@@ -39,11 +44,41 @@ def uniform_nelbo_loss(logits, x0, z_t, alpha, dalpha, scheduler, attention_mask
 
 
 class DuoTrainer(DiffusionTrainer):
+    def in_curriculum(self, model) -> bool:
+        return model.training and self.state.global_step < self.args.curriculum_steps
+
+    def curriculum_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+        config = unwrapped.config
+        V = config.vocab_size
+        span = config.gamma_max - config.gamma_min
+        gamma = config.gamma_min + t.double() * span  # (B,)
+        alpha, dalpha_dgamma = diffusion_transformation(gamma, V, config.gamma_min, config.gamma_max)
+        dalpha = dalpha_dgamma * span
+        tau = self.args.curriculum_tau
+        signal = (torch.sigmoid(-gamma).sqrt() / tau).float()[:, None, None]  # alpha~ / tau
+        noise = (torch.sigmoid(gamma).sqrt() / tau).float()[:, None, None]  # sigma~ / tau
+        w = torch.randn(*input_ids.shape, V, generator=generator, device=input_ids.device)  # (B, L, V)
+        w.mul_(noise).scatter_add_(-1, input_ids[..., None], signal.expand(*input_ids.shape, 1))
+        z_t = w.argmax(-1)  # (B, L), distributed as q_t(. | x; alpha)
+        weights = w.softmax(-1)  # tempered softmax of the Gaussian latent: the relaxed model input
+        del w
+        logits = model(token_weights=weights, attention_mask=attention_mask, sigma=-torch.log(alpha).float()).logits
+        loss, stats = uniform_nelbo_loss(logits, input_ids, z_t, alpha.float(), dalpha.float(),
+                                         unwrapped.noise_scheduler, attention_mask)
+        stats["curriculum"] = torch.tensor(1.0)
+        return loss, stats
+
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+        if self.in_curriculum(model):
+            return self.curriculum_loss(model, unwrapped, input_ids, attention_mask, t, generator)
         alpha, dalpha = unwrapped.schedule.alpha(t), unwrapped.schedule.dalpha_dt(t)
         z_t, _ = unwrapped.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
         logits = model(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
-        return uniform_nelbo_loss(logits, input_ids, z_t, alpha, dalpha, unwrapped.noise_scheduler, attention_mask)
+        loss, stats = uniform_nelbo_loss(logits, input_ids, z_t, alpha, dalpha, unwrapped.noise_scheduler,
+                                         attention_mask)
+        if self.args.curriculum_steps:
+            stats["curriculum"] = torch.tensor(0.0)
+        return loss, stats
 
 
 def consistency_distillation_loss(student_logits, teacher_logits, attention_mask=None, divergence="kl-bwd"):
