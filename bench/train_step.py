@@ -57,6 +57,7 @@ def main() -> None:
 
     steps = {"ar (llama)": llama_step}
     cases = [("sddlm", "sddlm", {}), ("duo", "duo (elbo)", {}), ("duo", "duo (curriculum)", {"curriculum_steps": 10}),
+             ("duo", "duo (curric. top-2)", {"curriculum_steps": 10, "curriculum_top_k": 2}),
              ("mdlm", "mdlm", {}), ("replaid", "replaid", {})]
     for variant, name, extra in cases:
         model = build(variant, args)
@@ -82,9 +83,9 @@ def main() -> None:
     base = statistics.median(times["ar (llama)"])
     rows = [{"step": name, "seconds": round(statistics.median(v), 4), "over_ar": round(statistics.median(v) / base, 3)}
             for name, v in times.items()]
-    print(f"{'step':<18} {'median s':>9} {'x AR':>7}")
+    print(f"{'step':<20} {'median s':>9} {'x AR':>7}")
     for r in rows:
-        print(f"{r['step']:<18} {r['seconds']:>9.4f} {r['over_ar']:>7.3f}")
+        print(f"{r['step']:<20} {r['seconds']:>9.4f} {r['over_ar']:>7.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": vars(args), "rows": rows}, indent=2) + "\n")
 

@@ -195,3 +195,43 @@ def test_curriculum_loss_is_the_elbo_at_the_gaussian_argmax():
                                      .float(), model.noise_scheduler)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert stats["curriculum"].item() == 1.0
+
+
+@pytest.mark.parametrize(("vocab", "top_k", "tau"), [(6, 5, 1.0), (50, 3, 0.3), (50, 3, 1e-3)])
+def test_topk_relaxation_matches_the_dense_tempered_softmax(vocab, top_k, tau):
+    """Duo++'s top-k draw gives the same argmax law and the same mean weight on x and on its top entries as the dense
+    (B, L, V) tempered softmax; with k = V - 1 nothing is approximated."""
+    from modeling_dlm.scheduling_uniform import gaussian_topk_relaxation
+
+    n, gamma = 20_000, -1.0
+    signal = torch.tensor([math.sqrt(torch.sigmoid(torch.tensor(-gamma)).item()) / tau])
+    noise = torch.tensor([math.sqrt(torch.sigmoid(torch.tensor(gamma)).item()) / tau])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (1, n), generator=g)
+    ids, weights, z_t = gaussian_topk_relaxation(x, signal, noise, vocab, top_k, generator=g)
+    assert ids.shape == (1, n, top_k + 1) and bool((ids[..., 0] == x).all())
+    assert bool((ids[..., 1:] != x[..., None]).all())
+    assert all(len(set(row.tolist())) == top_k + 1 for row in ids[0, :200])  # distinct ids
+    assert bool((weights.sum(-1) <= 1 + 1e-5).all())
+    eps = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    w = signal.double() * torch.nn.functional.one_hot(x[0], vocab) + noise.double() * eps
+    dense = w.softmax(-1)
+    tol = 4 * math.sqrt(0.25 / n)
+    assert (z_t[0] == x[0]).double().mean().item() == pytest.approx((w.argmax(-1) == x[0]).double().mean().item(),
+                                                                    abs=tol)
+    assert weights[0, :, 0].double().mean().item() == pytest.approx(dense.gather(-1, x[0][:, None]).mean().item(),
+                                                                     abs=tol)
+    others = dense.scatter(-1, x[0][:, None], 0.0).topk(top_k, dim=-1).values.sum(-1).mean().item()
+    assert weights[0, :, 1:].double().sum(-1).mean().item() == pytest.approx(others, abs=tol)
+    if top_k == vocab - 1:
+        assert weights.sum(-1).double().mean().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_topk_curriculum_trains_without_a_dense_latent(tmp_path):
+    from trainers import DuoTrainer
+
+    args = _distill_args(tmp_path, max_steps=4, curriculum_steps=4, curriculum_top_k=2)
+    trainer = DuoTrainer(model=tiny_model("duo").train(), args=args, train_dataset=_ids_dataset())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "curriculum" in h]
+    assert len(logged) == 4 and all(h["curriculum"] == 1.0 and math.isfinite(h["loss"]) for h in logged)

@@ -35,6 +35,11 @@ class DiffusionTrainingArguments(TrainingArguments):
     curriculum_tau: float = field(
         default=1e-3, metadata={"help": "Duo: temperature of the softmax of the Gaussian latent fed to the model."}
     )
+    curriculum_top_k: int = field(
+        default=0,
+        metadata={"help": "Duo: keep only the k largest Gaussian entries (Duo++ memory-efficient curriculum; "
+                          "0 = the dense (B, L, V) latent). The Duo++ paper reports k as small as 2."},
+    )
     distill_round_steps: int = field(
         default=10_000,
         metadata={"help": "DCD: steps per round; each round refreshes the teacher from the student and doubles dt."},
@@ -68,6 +73,8 @@ class DiffusionTrainingArguments(TrainingArguments):
             raise ValueError(f"`distill_divergence` must be 'kl-bwd' or 'kl-fwd', got {self.distill_divergence!r}")
         if self.curriculum_steps < 0:
             raise ValueError(f"`curriculum_steps` must be >= 0, got {self.curriculum_steps!r}")
+        if self.curriculum_top_k < 0:
+            raise ValueError(f"`curriculum_top_k` must be >= 0, got {self.curriculum_top_k!r}")
         if not self.curriculum_tau > 0:
             raise ValueError(f"`curriculum_tau` must be > 0, got {self.curriculum_tau!r}")
         if self.eval_num_time_samples < 1:

@@ -6,6 +6,8 @@
       alpha, alpha' = T(gamma), T'(gamma) (gamma_max - gamma_min)   (Duo's operator, `diffusion_transformation`)
       w = (alpha~ e_x + sigma~ eps) / tau,  eps ~ N(0, I_V)           a (B, L, V) Gaussian latent
       the model sees softmax(w) as soft token weights; the ELBO integrand uses z_t = argmax(w) with alpha, alpha'.
+  With `curriculum_top_k = k > 0` (Duo++), only the k + 1 largest entries of w are drawn (order statistics) and fed
+  as weighted embeddings, with the rest of the softmax normaliser in closed form: no (B, L, V) tensor.
   Validation always reports the standard ELBO.
 - `DuoDistillationTrainer`: Discrete Consistency Distillation (§B.3.3, `s-sahoo/duo@ch-1: algo.py Distillation`).
   The student starts from a trained Duo model; the teacher is a frozen copy of the student, refreshed every
@@ -27,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_dlm.noise_schedules import diffusion_transformation
-from modeling_dlm.scheduling_uniform import gaussian_coupled_latents
+from modeling_dlm.scheduling_uniform import gaussian_coupled_latents, gaussian_topk_relaxation
 
 from .base import DiffusionTrainer, masked_mean
 
@@ -55,14 +57,23 @@ class DuoTrainer(DiffusionTrainer):
         alpha, dalpha_dgamma = diffusion_transformation(gamma, V, config.gamma_min, config.gamma_max)
         dalpha = dalpha_dgamma * span
         tau = self.args.curriculum_tau
-        signal = (torch.sigmoid(-gamma).sqrt() / tau).float()[:, None, None]  # alpha~ / tau
-        noise = (torch.sigmoid(gamma).sqrt() / tau).float()[:, None, None]  # sigma~ / tau
-        w = torch.randn(*input_ids.shape, V, generator=generator, device=input_ids.device)  # (B, L, V)
-        w.mul_(noise).scatter_add_(-1, input_ids[..., None], signal.expand(*input_ids.shape, 1))
-        z_t = w.argmax(-1)  # (B, L), distributed as q_t(. | x; alpha)
-        weights = w.softmax(-1)  # tempered softmax of the Gaussian latent: the relaxed model input
-        del w
-        logits = model(token_weights=weights, attention_mask=attention_mask, sigma=-torch.log(alpha).float()).logits
+        signal = torch.sigmoid(-gamma).sqrt() / tau  # alpha~ / tau, (B,)
+        noise = torch.sigmoid(gamma).sqrt() / tau  # sigma~ / tau
+        sigma = -torch.log(alpha).float()
+        if self.args.curriculum_top_k:
+            # Duo++: k + 1 weighted embeddings instead of a (B, L, V) latent
+            ids, weights, z_t = gaussian_topk_relaxation(input_ids, signal, noise, V, self.args.curriculum_top_k,
+                                                         generator=generator)
+            embeds = (weights[..., None] * unwrapped.get_input_embeddings()(ids)).sum(-2)  # (B, L, d)
+            logits = model(inputs_embeds=embeds, attention_mask=attention_mask, sigma=sigma).logits
+        else:
+            w = torch.randn(*input_ids.shape, V, generator=generator, device=input_ids.device)  # (B, L, V)
+            w.mul_(noise.float()[:, None, None])
+            w.scatter_add_(-1, input_ids[..., None], signal.float()[:, None, None].expand(*input_ids.shape, 1))
+            z_t = w.argmax(-1)  # (B, L), distributed as q_t(. | x; alpha)
+            weights = w.softmax(-1)  # tempered softmax of the Gaussian latent: the relaxed model input
+            del w
+            logits = model(token_weights=weights, attention_mask=attention_mask, sigma=sigma).logits
         loss, stats = uniform_nelbo_loss(logits, input_ids, z_t, alpha.float(), dalpha.float(),
                                          unwrapped.noise_scheduler, attention_mask)
         stats["curriculum"] = torch.tensor(1.0)
