@@ -179,6 +179,16 @@ def test_distill_a_duo_teacher_into_a_few_step_student(tmp_path, text_file):
     assert type(model).__name__ == "DuoForDiffusionLM"
     assert model.generation_config.num_steps == 8 and model.generation_config.sampler == "greedy_tail"
     assert (student / "tokenizer.json").is_file()
+    # few-step samples of the student, judged by an AR model trained on the same pipeline
+    judge = tmp_path / "judge"
+    run_dlm("train", "--variant", "ar", "--size", "tiny", "--tokenizer", gpt2, "--max_steps", "2",
+            "--output_dir", str(judge), *common)
+    report = last_json(run_dlm("eval", str(student), "--dataset", str(text_file), "--seq_len", "32",
+                               "--max_eval_samples", "8", "--judge", str(judge), "--num_samples", "4",
+                               "--gen_num_steps", "4").stdout)
+    assert math.isfinite(report["gen_ppl"]) and report["gen_ppl"] > 1
+    assert 0 < report["entropy"] <= math.log(32) + 1e-6
+    assert report["gen_num_steps"] == 4 and report["sampler"] == "greedy_tail" and report["gen_num_samples"] == 4
     result = run_dlm("distill", "--teacher", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "x"),
                      check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

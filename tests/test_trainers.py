@@ -244,3 +244,11 @@ def test_sddlm_loss_pure_function():
     assert zero.item() == 0.0 and zero.requires_grad
     with pytest.raises(ValueError, match="regularizer"):
         sddlm_loss(logits, x0, positions, regularizer="contrastive")
+
+
+def test_unigram_entropy():
+    from trainers.evaluation import unigram_entropy
+
+    assert unigram_entropy(torch.tensor([[3, 3, 3, 3]])) == 0.0
+    expected = (math.log(4) + math.log(2)) / 2
+    assert unigram_entropy(torch.tensor([[0, 1, 2, 3], [5, 5, 6, 6]])) == pytest.approx(expected)

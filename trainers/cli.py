@@ -204,6 +204,14 @@ class EvalArguments:
     sampling_eps: float = field(default=1e-3, metadata={"help": "Smallest t drawn: t ~ U[eps, 1]."})
     seed: int = field(default=0, metadata={"help": "Seed of the time and noise draws."})
     device: str | None = field(default=None, metadata={"help": "torch device, e.g. cpu or cuda:0 (default: auto)."})
+    judge: str | None = field(
+        default=None, metadata={"help": "Causal LM folder (e.g. from `dlm train --variant ar`) to score samples: adds "
+                                        "gen_ppl and entropy to the report."}
+    )
+    num_samples: int = field(default=16, metadata={"help": "Samples scored by the judge."})
+    gen_num_steps: int | None = field(default=None, metadata={"help": "Denoising steps of the judged samples."})
+    sampler: str | None = field(default=None, metadata={"help": "Sampler of the judged samples."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus filtering of the judged samples."})
 
 
 def _load_model(path: str, device: str | None = None):
@@ -259,6 +267,21 @@ def cmd_eval(argv: list[str]) -> int:
     result = evaluate_likelihood(model, dataset, batch_size=eval_args.batch_size,
                                  num_time_samples=eval_args.num_time_samples, eps=eval_args.sampling_eps,
                                  seed=eval_args.seed, show_progress=True)
+    if eval_args.judge:
+        from trainers.evaluation import generative_perplexity
+
+        judge = _load_model(eval_args.judge, eval_args.device)
+        if hasattr(judge, "nelbo_per_token"):
+            raise ValueError(f"--judge {eval_args.judge} must be a causal LM, got a diffusion model")
+        judge_tokenizer = _load_checkpoint_tokenizer(eval_args.judge, judge)
+        settings = {k: v for k, v in (("num_steps", eval_args.gen_num_steps), ("sampler", eval_args.sampler),
+                                      ("top_p", eval_args.top_p)) if v is not None}
+        result.update(generative_perplexity(model, tokenizer, judge, judge_tokenizer,
+                                            num_samples=eval_args.num_samples, seq_len=data_args.seq_len,
+                                            batch_size=eval_args.batch_size, seed=eval_args.seed, **settings))
+        gen = model.generation_config
+        result.update({"gen_num_steps": settings.get("num_steps", gen.num_steps),
+                       "sampler": settings.get("sampler", gen.sampler), "top_p": settings.get("top_p", gen.top_p)})
     result.update({"model": eval_args.model_dir, "dataset": data_args.dataset, "split": eval_args.split,
                    "seq_len": data_args.seq_len, "num_time_samples": eval_args.num_time_samples,
                    "seconds": round(time.time() - start, 2)})
