@@ -10,15 +10,14 @@ The MDLM caching sampler is also compared with plain ancestral sampling over a w
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-
-from modeling_dlm import VARIANTS
+from common import build as build_model
+from common import size_parser  # bench/common.py (the script's folder is on sys.path)
 
 
 def timed(fn) -> float:
@@ -28,20 +27,7 @@ def timed(fn) -> float:
 
 
 def build(variant: str, args):
-    config_class, model_class = VARIANTS[variant]
-    kwargs = dict(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        cond_dim=128,
-        max_position_embeddings=args.seq,
-        hidden_dropout_prob=0.0,
-    )
-    if variant == "replaid":
-        kwargs["schedule_hidden_size"] = 1024
-    torch.manual_seed(0)
-    model = model_class(config_class(**kwargs)).eval()
+    model = build_model(variant, args).eval()
     with torch.no_grad():  # untrained zero-init heads give uniform x_hat; randomise them for realistic sampling work
         for name, p in model.named_parameters():
             if "output_layer" in name or "adaLN" in name:
@@ -101,7 +87,9 @@ def bench_mdlm_cache(args) -> dict:
         for p in model.backbone.output_layer.parameters():
             p.normal_(0, 0.5)
         g = torch.Generator().manual_seed(0)
-        out = model.generate(batch_size=2, max_new_tokens=32, num_steps=128, generator=g, return_dict_in_generate=True)
+        out = model.generate(
+            batch_size=2, max_new_tokens=min(32, args.seq), num_steps=128, generator=g, return_dict_in_generate=True
+        )
     return {
         "mdlm_cache_forward_passes": out.num_forward_passes,
         "mdlm_steps": 128,
@@ -110,15 +98,8 @@ def bench_mdlm_cache(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=50258)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
+    parser = size_parser(__doc__, repeats=7)
     parser.add_argument("--steps", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--variants", nargs="+", default=["duo", "sddlm", "mdlm", "replaid"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling_step.json"))
     args = parser.parse_args()

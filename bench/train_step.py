@@ -9,39 +9,20 @@ timed interleaved; the table reports each median over the Llama median. Also rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import build, size_parser  # bench/common.py (the script's folder is on sys.path)
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_dlm import VARIANTS
 from trainers import TRAINERS, DiffusionTrainingArguments
 
 
-def build(variant: str, args):
-    config_class, model_class = VARIANTS[variant]
-    kwargs = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                  num_attention_heads=args.heads, cond_dim=128, max_position_embeddings=args.seq,
-                  hidden_dropout_prob=0.0)
-    if variant == "replaid":
-        kwargs["schedule_hidden_size"] = 1024
-    torch.manual_seed(0)
-    return model_class(config_class(**kwargs)).train()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=50258)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = size_parser(__doc__, repeats=5)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = parser.parse_args()
 
@@ -60,7 +41,7 @@ def main() -> None:
              ("duo", "duo (curric. top-2)", {"curriculum_steps": 10, "curriculum_top_k": 2}),
              ("mdlm", "mdlm", {}), ("replaid", "replaid", {})]
     for variant, name, extra in cases:
-        model = build(variant, args)
+        model = build(variant, args).train()
         targs = DiffusionTrainingArguments(output_dir="/tmp/dlm-bench", report_to=[], use_cpu=True, **extra)
         trainer = TRAINERS[variant](model=model, args=targs)
 

@@ -53,3 +53,17 @@ def variant(request) -> str:
 def batch() -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB - 1, (BATCH, SEQ), generator=g)  # never the MDLM mask id (VOCAB - 1)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to oversubscription on a busy 2-core runner
+    (restored afterwards, so other test modules are unaffected)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -29,7 +29,7 @@ from modeling_dlm import (
 )
 from modeling_dlm.generation_dlm import filter_logits
 
-from .conftest import BATCH, HIDDEN, SEQ, VOCAB, tiny_config, tiny_model
+from .conftest import BATCH, HIDDEN, SEQ, VOCAB, gen, tiny_config, tiny_model
 
 
 DISCRETE = ["sddlm", "duo", "mdlm"]
@@ -43,18 +43,7 @@ SHIPPED_FILES = {"configuration_dlm.py", "modeling_dlm.py", "modeling_dit.py", "
                  "noise_schedules.py", "scheduling_uniform.py", "scheduling_absorbing.py", "scheduling_gaussian.py"}
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one intra-op thread is faster here and immune to oversubscription on a busy 2-core runner
-    (restored afterwards, so other test modules are unaffected)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def logits_of(model, variant: str, ids: torch.Tensor, attention_mask=None, seed: int = 0) -> torch.Tensor:

@@ -32,6 +32,8 @@ from modeling_dlm.scheduling_absorbing import AbsorbingStateScheduler
 from modeling_dlm.scheduling_gaussian import GaussianEmbeddingScheduler
 from modeling_dlm.scheduling_uniform import UniformStateScheduler, sample_from_probs
 
+from .conftest import gen
+
 
 F64 = torch.float64
 EPS = 1e-3
@@ -39,18 +41,7 @@ T_GRID = [0.0, 1e-6, 1e-3, 0.1, 0.25, 0.5, 0.75, 0.9, 1 - 1e-3, 1.0]
 SCHEDULES = [LogLinearSchedule(EPS), CosineSchedule(EPS)]
 
 
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one intra-op thread is faster here and immune to oversubscription on a busy 2-core runner
-    (restored afterwards, so other test modules are unaffected)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def random_probs(shape, seed: int, sharpness: float = 2.0, dtype=F64) -> torch.Tensor:
