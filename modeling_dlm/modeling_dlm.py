@@ -275,16 +275,10 @@ class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
         return out - log_norm[..., None]
 
     def denoiser_probs(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """x_hat for the sampler: the same Bayes correction, applied to the (filtered) probabilities."""
-        probs = logits.softmax(-1)  # (B, L, V)
+        """x_hat for the sampler: the same denoiser as the ELBO, applied to the (filtered) logits."""
         if self.config.elbo_denoiser == "raw":
-            return probs
-        a = float(alpha)
-        V = self.config.vocab_size
-        at_z = probs.gather(-1, z_t[..., None])  # (B, L, 1)
-        probs = probs * ((1 - a) / V)
-        probs.scatter_add_(-1, z_t[..., None], at_z * a)
-        return probs / probs.sum(-1, keepdim=True)
+            return logits.softmax(-1)  # one pass: the sampling hot path
+        return self.elbo_log_probs(logits, z_t, alpha.reshape(1)).exp()
 
 
 class DuoForDiffusionLM(UniformDiffusionLM, DuoGenerationMixin):

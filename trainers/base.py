@@ -21,6 +21,8 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from modeling_dlm.noise_schedules import antithetic_times
+
 from .arguments import DiffusionTrainingArguments
 from .callbacks import EMACallback
 from .evaluation import nelbo_batch_sums
@@ -82,16 +84,16 @@ class DiffusionTrainer(Trainer):
         return shared, local, micro
 
     def sample_times(self, batch_size: int, device, shared: torch.Generator, micro: int) -> torch.Tensor:
-        """Stratified t over the global batch (world x accumulation x per-device batch), this micro-batch's slice."""
-        world = self.args.world_size
-        accumulation = self.args.gradient_accumulation_steps
-        offset = ((micro % accumulation) * world + self.args.process_index) * batch_size
-        eps = self.args.sampling_eps
+        """Stratified t over the global batch (world x accumulation x per-device batch), this micro-batch's slice.
+        `shared` must be in the same state on every rank and micro-batch (it draws the common offset); without
+        stratification (`antithetic_time=False`) it only seeds independent draws for this rank and micro-batch."""
+        world, accumulation = self.args.world_size, self.args.gradient_accumulation_steps
+        rank_micro = (micro % accumulation) * world + self.args.process_index
         if not self.args.antithetic_time:
-            return (1 - eps) * torch.rand(batch_size, generator=shared, device=device) + eps
-        u = torch.rand(1, generator=shared, device=device)
-        u = (u + (offset + torch.arange(batch_size, device=device)) / (world * accumulation * batch_size)) % 1
-        return (1 - eps) * u + eps
+            shared = torch.Generator(device=device).manual_seed(_mix(shared.initial_seed(), rank_micro, 4))
+        return antithetic_times(batch_size, eps=self.args.sampling_eps, generator=shared, device=device,
+                                offset=rank_micro * batch_size, total=world * accumulation * batch_size,
+                                antithetic=self.args.antithetic_time)
 
     # ---- training ---------------------------------------------------------------------------------------------------
     def _batch(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -63,6 +63,17 @@ def _positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out + argv
 
 
+def _datasets(data_args: DataArguments, tokenizer, **overrides):
+    """(train, eval) datasets from the data flags; `overrides` replace individual build_datasets arguments."""
+    from trainers.data import build_datasets
+
+    kwargs = dict(dataset_config=data_args.dataset_config, text_column=data_args.text_column,
+                  num_proc=data_args.num_proc, streaming=data_args.streaming,
+                  max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples)
+    kwargs.update(overrides)
+    return build_datasets(data_args.dataset, tokenizer, data_args.seq_len, data_args.mode, **kwargs)
+
+
 def _hf_parser(*dataclass_types):
     from transformers import HfArgumentParser
 
@@ -150,17 +161,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     from transformers import Trainer, TrainingArguments
 
     from trainers import TRAINERS
-    from trainers.data import build_datasets
 
     variant = model_args.variant
     if variant not in VARIANT_NAMES:
         raise ValueError(f"--variant must be one of {VARIANT_NAMES}, got {variant!r}")
     tokenizer = _load_tokenizer(model_args.tokenizer, variant)
-    train_ds, eval_ds = build_datasets(
-        data_args.dataset, tokenizer, data_args.seq_len, data_args.mode, dataset_config=data_args.dataset_config,
-        text_column=data_args.text_column, num_proc=data_args.num_proc, streaming=data_args.streaming,
-        max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
-    )
+    train_ds, eval_ds = _datasets(data_args, tokenizer)
     if model_args.init_from:
         model = _load_model(model_args.init_from)
         if model.config.vocab_size != len(tokenizer):
@@ -243,7 +249,6 @@ def _load_checkpoint_tokenizer(path: str, model):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from trainers.data import build_datasets
     from trainers.evaluation import evaluate_likelihood
 
     parser = _hf_parser(EvalArguments, DataArguments)
@@ -256,11 +261,9 @@ def cmd_eval(argv: list[str]) -> int:
     max_len = getattr(model.config, "max_position_embeddings", data_args.seq_len)
     if data_args.seq_len > max_len:
         raise ValueError(f"--seq_len {data_args.seq_len} exceeds the model's max_position_embeddings {max_len}")
-    train_ds, eval_ds = build_datasets(
-        data_args.dataset, tokenizer, data_args.seq_len, data_args.mode, dataset_config=data_args.dataset_config,
-        text_column=data_args.text_column, num_proc=data_args.num_proc,
+    train_ds, eval_ds = _datasets(
+        data_args, tokenizer, streaming=False,
         max_train_samples=data_args.max_eval_samples if eval_args.split == "train" else 1,
-        max_eval_samples=data_args.max_eval_samples,
     )
     dataset = eval_ds if eval_args.split == "validation" else train_ds
     start = time.time()
@@ -377,7 +380,6 @@ class DistillArguments:
 
 def cmd_distill(argv: list[str]) -> int:
     from trainers import DiffusionTrainingArguments, DuoDistillationTrainer
-    from trainers.data import build_datasets
 
     parser = _hf_parser(DistillArguments, DataArguments, DiffusionTrainingArguments)
     parser.prog = "dlm distill"
@@ -390,11 +392,7 @@ def cmd_distill(argv: list[str]) -> int:
     if data_args.seq_len > student.config.max_position_embeddings:
         raise ValueError(f"--seq_len {data_args.seq_len} exceeds the teacher's max_position_embeddings "
                          f"{student.config.max_position_embeddings}")
-    train_ds, eval_ds = build_datasets(
-        data_args.dataset, tokenizer, data_args.seq_len, data_args.mode, dataset_config=data_args.dataset_config,
-        text_column=data_args.text_column, num_proc=data_args.num_proc, streaming=data_args.streaming,
-        max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
-    )
+    train_ds, eval_ds = _datasets(data_args, tokenizer)
     trainer = DuoDistillationTrainer(model=student, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                      processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -38,6 +38,14 @@ logger = logging.getLogger(__name__)
 TEACHER_WEIGHTS_NAME = "teacher.safetensors"
 
 
+def linear_gamma_schedule(t: torch.Tensor, gamma_min: float, gamma_max: float, vocab_size: int):
+    """Duo's Gaussian time parameterisation: gamma linear in t, alpha = T(gamma) and dalpha/dt; float64, (B,) each."""
+    span = gamma_max - gamma_min
+    gamma = gamma_min + t.double() * span
+    alpha, dalpha_dgamma = diffusion_transformation(gamma, vocab_size, gamma_min, gamma_max)
+    return gamma, alpha, dalpha_dgamma * span
+
+
 def uniform_nelbo_loss(logits, x0, z_t, alpha, dalpha, scheduler, attention_mask=None):
     """Token-mean of the closed-form UDLM NELBO integrand (float32 log-softmax); returns (loss, stats)."""
     per_token = scheduler.nelbo_per_token(logits.float().log_softmax(-1), x0, z_t, alpha, dalpha)
@@ -52,10 +60,7 @@ class DuoTrainer(DiffusionTrainer):
     def curriculum_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         config = unwrapped.config
         V = config.vocab_size
-        span = config.gamma_max - config.gamma_min
-        gamma = config.gamma_min + t.double() * span  # (B,)
-        alpha, dalpha_dgamma = diffusion_transformation(gamma, V, config.gamma_min, config.gamma_max)
-        dalpha = dalpha_dgamma * span
+        gamma, alpha, dalpha = linear_gamma_schedule(t, config.gamma_min, config.gamma_max, V)  # (B,) each
         tau = self.args.curriculum_tau
         signal = torch.sigmoid(-gamma).sqrt() / tau  # alpha~ / tau, (B,)
         noise = torch.sigmoid(gamma).sqrt() / tau  # sigma~ / tau
@@ -133,12 +138,6 @@ class DuoDistillationTrainer(DiffusionTrainer):
         self.teacher_round = round_index
         logger.info("DCD round %d: teacher refreshed from the student, dt = %.5f", round_index, self.dt(round_index))
 
-    def _alpha(self, t, vocab_size):
-        a = self.args
-        gamma = a.distill_gamma_min + t.double() * (a.distill_gamma_max - a.distill_gamma_min)
-        alpha, _ = diffusion_transformation(gamma, vocab_size, a.distill_gamma_min, a.distill_gamma_max)
-        return gamma, alpha
-
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         round_index = self.distill_round(self.state.global_step)
         if self.teacher is None or (model.training and round_index != self.teacher_round):
@@ -147,8 +146,9 @@ class DuoDistillationTrainer(DiffusionTrainer):
         V = unwrapped.config.vocab_size
         t = (t.double() + dt).clamp(max=1.0)
         s = t - dt
-        gamma_t, alpha_t = self._alpha(t, V)
-        gamma_s, alpha_s = self._alpha(s, V)
+        bounds = (self.args.distill_gamma_min, self.args.distill_gamma_max)
+        gamma_t, alpha_t, _ = linear_gamma_schedule(t, *bounds, V)
+        gamma_s, alpha_s, _ = linear_gamma_schedule(s, *bounds, V)
         m_t, m_s = torch.exp(-gamma_t / 2), torch.exp(-gamma_s / 2)  # alpha~ / sigma~
         z_t, z_s = gaussian_coupled_latents(input_ids, [m_t, m_s], V, generator=generator)
         student = model(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha_t).float()).logits
