@@ -1,13 +1,15 @@
 """Few-step generation: gen-PPL and entropy against sampling steps for a Duo teacher and its DCD student.
 
-    dlm quickstart --output_dir dlm-quickstart                 # a tiny Duo teacher on the built-in corpus
-    python bench/distill_steps.py --teacher dlm-quickstart     # judge + distillation + the table and plot
+    dlm quickstart --max_steps 3000 --output_dir dlm-teacher   # a tiny Duo teacher on the built-in corpus
+    python bench/distill_steps.py --teacher dlm-teacher        # judge + distillation + the table and plot
 
 Steps: (1) train a tiny AR judge on the same built-in corpus and tokenizer; (2) distil the teacher with
-`DuoDistillationTrainer`; (3) sample `--num_samples` sequences from both at 1024/256/64/16/8/4 steps (teacher:
-ancestral, student: greedy tail, its distilled default) and score them with the judge: gen-PPL and unigram entropy,
-always together. Prints the table and the wall-clock speed-up of the student at 8 steps over the teacher at 1024, and
-writes bench/results/distill_steps.{json,png}.
+`DuoDistillationTrainer` (default: 5 rounds of 100 steps, dt = 1/128 ... 16/128, as the reference's 5 rounds end at a
+dt well below one sampling step); (3) sample `--num_samples` sequences at 1024/256/64/16/8/4 steps from the teacher
+(ancestral, and greedy tail) and the student (greedy tail, its distilled default) and score them with the judge:
+gen-PPL and unigram entropy, always together. Prints the table, the verdict at 8 steps (same sampler for both), and
+the wall-clock speed-up of the student at 8 steps over the teacher at 1024, and writes
+bench/results/distill_steps.{json,png}.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def main() -> None:
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--work_dir", default="runs/bench-distill")
     parser.add_argument("--judge_steps", type=int, default=400)
-    parser.add_argument("--distill_steps", type=int, default=400)
-    parser.add_argument("--distill_round_steps", type=int, default=50)
-    parser.add_argument("--distill_num_steps", type=int, default=64)
+    parser.add_argument("--distill_steps", type=int, default=500)
+    parser.add_argument("--distill_round_steps", type=int, default=100)
+    parser.add_argument("--distill_num_steps", type=int, default=128)
+    parser.add_argument("--distill_lr", type=float, default=1e-4)
     parser.add_argument("--num_samples", type=int, default=32)
     parser.add_argument("--steps", type=int, nargs="+", default=[1024, 256, 64, 16, 8, 4])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "distill_steps"))
@@ -70,7 +73,8 @@ def main() -> None:
         student = AutoModel.from_pretrained(args.teacher, trust_remote_code=True).train()
         dargs = DiffusionTrainingArguments(
             output_dir=str(student_dir), max_steps=args.distill_steps, per_device_train_batch_size=32,
-            learning_rate=3e-4, lr_scheduler_type="constant", warmup_steps=20, report_to=[], save_strategy="no",
+            learning_rate=args.distill_lr, lr_scheduler_type="constant", warmup_steps=20, report_to=[],
+            save_strategy="no",
             use_cpu=True, disable_tqdm=True, logging_steps=50, distill_round_steps=args.distill_round_steps,
             distill_num_steps=args.distill_num_steps)
         trainer = DuoDistillationTrainer(model=student, args=dargs, train_dataset=train_ds, processing_class=tokenizer)
@@ -80,7 +84,9 @@ def main() -> None:
 
     # 3. the table
     rows = []
-    for name, model, sampler in (("teacher", teacher, "ancestral"), ("student", student, "greedy_tail")):
+    runs = (("teacher", teacher, "ancestral"), ("teacher", teacher, "greedy_tail"),
+            ("student", student, "greedy_tail"))
+    for name, model, sampler in runs:
         for steps in args.steps:
             start = time.perf_counter()
             result = generative_perplexity(model, tokenizer, judge, tokenizer, num_samples=args.num_samples,
@@ -90,36 +96,44 @@ def main() -> None:
             rows.append({"model": name, "sampler": sampler, "steps": steps, "gen_ppl": round(result["gen_ppl"], 2),
                          "entropy": round(result["entropy"], 3), "seconds": round(seconds, 2)})
             print(json.dumps(rows[-1]), flush=True)
-    by = {(r["model"], r["steps"]): r for r in rows}
-    speedup = None
-    if ("teacher", 1024) in by and ("student", 8) in by:
-        speedup = by[("teacher", 1024)]["seconds"] / by[("student", 8)]["seconds"]
-    print(f"{'model':<8} {'steps':>5} {'gen-PPL':>9} {'entropy':>8} {'seconds':>8}")
+    by = {(r["model"], r["sampler"], r["steps"]): r for r in rows}
+    speedup = verdict = None
+    if ("teacher", "ancestral", 1024) in by and ("student", "greedy_tail", 8) in by:
+        speedup = by[("teacher", "ancestral", 1024)]["seconds"] / by[("student", "greedy_tail", 8)]["seconds"]
+    print(f"{'model':<8} {'sampler':<12} {'steps':>5} {'gen-PPL':>9} {'entropy':>8} {'seconds':>8}")
     for r in rows:
-        print(f"{r['model']:<8} {r['steps']:>5} {r['gen_ppl']:>9.2f} {r['entropy']:>8.3f} {r['seconds']:>8.2f}")
+        print(f"{r['model']:<8} {r['sampler']:<12} {r['steps']:>5} {r['gen_ppl']:>9.2f} {r['entropy']:>8.3f} "
+              f"{r['seconds']:>8.2f}")
+    if ("teacher", "greedy_tail", 8) in by and ("student", "greedy_tail", 8) in by:
+        t8, s8 = by[("teacher", "greedy_tail", 8)], by[("student", "greedy_tail", 8)]
+        verdict = {"student_gen_ppl_ratio": s8["gen_ppl"] / t8["gen_ppl"],
+                   "entropy_difference": s8["entropy"] - t8["entropy"]}
+        print(f"at 8 steps (greedy tail both): student/teacher gen-PPL = {verdict['student_gen_ppl_ratio']:.3f}, "
+              f"entropy {s8['entropy']:.3f} vs {t8['entropy']:.3f} nats")
     if speedup:
         print(f"wall-clock speed-up, student at 8 steps over teacher at 1024 steps: {speedup:.1f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"config": vars(args), "rows": rows, "speedup": speedup},
-                                                   indent=2) + "\n")
+    summary = {"config": vars(args), "rows": rows, "speedup": speedup, "verdict": verdict}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for name in ("teacher", "student"):
-        pts = [r for r in rows if r["model"] == name]
-        ax[0].plot([r["steps"] for r in pts], [r["gen_ppl"] for r in pts], marker="o", label=name)
-        ax[1].plot([r["steps"] for r in pts], [r["entropy"] for r in pts], marker="o", label=name)
+    for name, _, sampler in runs:
+        pts = [r for r in rows if r["model"] == name and r["sampler"] == sampler]
+        label = f"{name} ({sampler})"
+        ax[0].plot([r["steps"] for r in pts], [r["gen_ppl"] for r in pts], marker="o", label=label)
+        ax[1].plot([r["steps"] for r in pts], [r["entropy"] for r in pts], marker="o", label=label)
     for a, label in zip(ax, ("gen-PPL (AR judge)", "unigram entropy (nats)")):
         a.set_xscale("log", base=2)
         a.set_xlabel("sampling steps")
         a.set_ylabel(label)
         a.legend()
     ax[0].set_yscale("log")
-    fig.suptitle("Duo teacher (ancestral) vs DCD student (greedy tail)")
+    fig.suptitle("Duo teacher vs DCD student")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
 

@@ -156,6 +156,14 @@ def test_distillation_checkpoint_keeps_the_round_teacher(tmp_path):
         assert torch.equal(value, saved[name]), name
 
 
+def test_distillation_refuses_rounds_that_reach_dt_one(tmp_path):
+    # 7 steps in rounds of 3 with T = 4: round 2 would use dt = 4/4, so s = 0 and the teacher sees the clean data
+    args = _distill_args(tmp_path, distill_num_steps=4)
+    trainer = DuoDistillationTrainer(model=tiny_model("duo").train(), args=args, train_dataset=_ids_dataset())
+    with pytest.raises(ValueError, match=r"round 2 reaches dt = 1 .*distill_num_steps >= 8"):
+        trainer.train()
+
+
 def test_distillation_rejects_a_masked_model(tmp_path):
     with pytest.raises(TypeError, match="uniform-state"):
         DuoDistillationTrainer(model=tiny_model("mdlm"), args=_distill_args(tmp_path))

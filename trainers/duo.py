@@ -133,6 +133,22 @@ class DuoDistillationTrainer(DiffusionTrainer):
     def dt(self, round_index: int) -> float:
         return min(2.0**round_index / self.args.distill_num_steps, 1.0)
 
+    def check_round_schedule(self) -> None:
+        """Refuse a run whose last round would reach dt >= 1: then s = 0 and the teacher sees the clean data, so the
+        student is taught to predict x from pure noise (a collapse to the most frequent tokens)."""
+        if self.state.max_steps <= 0:
+            return
+        last_round = (self.state.max_steps - 1) // self.args.distill_round_steps
+        last_dt = 2.0**last_round / self.args.distill_num_steps
+        if last_dt >= 1.0:
+            raise ValueError(
+                f"DCD: with max_steps={self.state.max_steps}, distill_round_steps={self.args.distill_round_steps} and "
+                f"distill_num_steps={self.args.distill_num_steps}, round {last_round} reaches dt = {last_dt:g} >= 1 "
+                f"(the teacher would see clean data). Use distill_num_steps >= {2 ** (last_round + 1)} or fewer "
+                f"rounds (the reference: 5 rounds, dt from 1/512 to 16/512).")
+        logger.info("DCD: %d rounds of %d steps, dt from %g to %g", last_round + 1, self.args.distill_round_steps,
+                    self.dt(0), last_dt)
+
     def refresh_teacher(self, unwrapped, round_index: int) -> None:
         self.teacher = copy.deepcopy(unwrapped).eval().requires_grad_(False)
         self.teacher_round = round_index
@@ -140,6 +156,8 @@ class DuoDistillationTrainer(DiffusionTrainer):
 
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         round_index = self.distill_round(self.state.global_step)
+        if self.teacher is None and model.training:
+            self.check_round_schedule()
         if self.teacher is None or (model.training and round_index != self.teacher_round):
             self.refresh_teacher(unwrapped, round_index)
         dt = self.dt(round_index)
