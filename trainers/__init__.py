@@ -2,8 +2,9 @@
 
 from .arguments import DiffusionTrainingArguments
 from .base import DiffusionTrainer
-from .callbacks import EMACallback
+from .callbacks import EMACallback, NonFiniteGuardCallback
 from .duo import DuoDistillationTrainer, DuoTrainer
+from .lora import apply_lora, default_lora_config, merge_lora
 from .mdlm import MDLMTrainer
 from .replaid import RePlaidTrainer
 from .sddlm import SDDLMTrainer
@@ -18,7 +19,11 @@ __all__ = [
     "DuoDistillationTrainer",
     "DuoTrainer",
     "EMACallback",
+    "NonFiniteGuardCallback",
     "MDLMTrainer",
     "RePlaidTrainer",
     "SDDLMTrainer",
+    "apply_lora",
+    "default_lora_config",
+    "merge_lora",
 ]

@@ -25,6 +25,11 @@ class DiffusionTrainingArguments(TrainingArguments):
         metadata={"help": "Decay of the exponential moving average of the weights (0 disables EMA; papers: 0.9999). "
                           "EMA weights are saved with checkpoints and used for evaluation and the final export."},
     )
+    nan_guard: bool = field(
+        default=True,
+        metadata={"help": "Stop training with a clear error (naming the step) at the first non-finite loss or "
+                          "gradient, before the optimizer step, so no NaN weights are written."},
+    )
     eval_num_time_samples: int = field(
         default=1, metadata={"help": "Time samples per sequence when the Trainer evaluates the NELBO."}
     )
@@ -51,6 +56,58 @@ class DiffusionTrainingArguments(TrainingArguments):
     distill_gamma_max: float = field(default=-1.0, metadata={"help": "DCD: log-SNR gamma at t = 1."})
     distill_divergence: str = field(
         default="kl-bwd", metadata={"help": "DCD loss: 'kl-bwd' = KL(student || teacher) (default), 'kl-fwd'."}
+    )
+    replaid_batch_split: str = field(
+        default="adaptive",
+        metadata={"help": "RePlaid: 'adaptive' (Plaid, methods.md §C.3): each batch entry trains one term, the "
+                          "reconstruction (t = 0) or the diffusion term (low-discrepancy t), with the reconstruction "
+                          "share B std_rec / (std_rec + std_diff) from EMAs of both losses; one network call per "
+                          "entry. 'all_terms': every entry trains all three terms (two network calls per entry)."},
+    )
+    replaid_split_ema_decay: float = field(
+        default=0.997, metadata={"help": "RePlaid: decay of the loss-moment EMAs behind the adaptive split (Plaid)."}
+    )
+    schedule_variance_gradient: bool = field(
+        default=True,
+        metadata={"help": "RePlaid: train the schedule's shape on E[L_diff^2] (gradient multiplied by 2 L_diff per "
+                          "diffusion entry, Plaid) while gamma_0, gamma_1 and everything else train on the NELBO. "
+                          "False: the shape trains on the NELBO too."},
+    )
+    freeze_schedule: bool = field(
+        default=False, metadata={"help": "RePlaid: keep the whole noise schedule (shape and gamma_0, gamma_1) fixed."}
+    )
+    output_prior_warmup_steps: int = field(
+        default=5000,
+        metadata={"help": "RePlaid: the output-prior logit term's weight rises linearly from 0 to 1 over this many "
+                          "steps (Plaid: 5000; 0 = full weight from the start). Evaluation always uses 1."},
+    )
+    schedule_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "RePlaid: learning rate of the schedule's shape network (None = learning_rate; "
+                          "Plaid: 1e-2)."},
+    )
+    gamma_bounds_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "RePlaid: learning rate of gamma_0, gamma_1 (None = schedule_learning_rate; Plaid: 1e-2)."},
+    )
+    embedding_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "RePlaid: learning rate of the diffusion embeddings E (None = learning_rate; Plaid: 1e-2)."},
+    )
+    schedule_weight_decay: float | None = field(
+        default=0.0,
+        metadata={"help": "RePlaid: AdamW weight decay of the schedule's shape network (None = weight_decay; "
+                          "Plaid: 0)."},
+    )
+    gamma_bounds_weight_decay: float | None = field(
+        default=None,
+        metadata={"help": "RePlaid: AdamW weight decay of gamma_0, gamma_1 (None = schedule_weight_decay). Plaid "
+                          "decays them by 1e-3 per step, i.e. weight_decay = 1e-3 / its learning rate."},
+    )
+    embedding_weight_decay: float | None = field(
+        default=0.0,
+        metadata={"help": "RePlaid: AdamW weight decay of the embeddings E (None = weight_decay; Plaid: 0; the rows "
+                          "are re-normalised on every use, so decay only changes their effective step size)."},
     )
     remove_unused_columns: bool = field(
         default=False,
@@ -79,3 +136,15 @@ class DiffusionTrainingArguments(TrainingArguments):
             raise ValueError(f"`curriculum_tau` must be > 0, got {self.curriculum_tau!r}")
         if self.eval_num_time_samples < 1:
             raise ValueError(f"`eval_num_time_samples` must be >= 1, got {self.eval_num_time_samples!r}")
+        if self.replaid_batch_split not in ("adaptive", "all_terms"):
+            raise ValueError(f"`replaid_batch_split` must be 'adaptive' or 'all_terms', got "
+                             f"{self.replaid_batch_split!r}")
+        if not 0.0 < self.replaid_split_ema_decay < 1.0:
+            raise ValueError(f"`replaid_split_ema_decay` must be in (0, 1), got {self.replaid_split_ema_decay!r}")
+        if self.output_prior_warmup_steps < 0:
+            raise ValueError(f"`output_prior_warmup_steps` must be >= 0, got {self.output_prior_warmup_steps!r}")
+        for name in ("schedule_learning_rate", "gamma_bounds_learning_rate", "embedding_learning_rate",
+                     "schedule_weight_decay", "gamma_bounds_weight_decay", "embedding_weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"`{name}` must be >= 0 (or None to inherit), got {value!r}")

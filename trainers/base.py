@@ -24,7 +24,7 @@ from transformers import Trainer
 from modeling_dlm.noise_schedules import antithetic_times
 
 from .arguments import DiffusionTrainingArguments
-from .callbacks import EMACallback
+from .callbacks import EMACallback, NonFiniteGuardCallback
 from .evaluation import nelbo_batch_sums
 
 
@@ -64,6 +64,8 @@ class DiffusionTrainer(Trainer):
         self.ema = EMACallback(self.args.ema_decay) if self.args.ema_decay > 0 else None
         if self.ema is not None:
             self.add_callback(self.ema)
+        if self.args.nan_guard:
+            self.add_callback(NonFiniteGuardCallback())
         self._components: dict[str, list[float]] = defaultdict(list)
         self._micro_step = 0
         self._last_step = -1
@@ -111,6 +113,13 @@ class DiffusionTrainer(Trainer):
         shared, local, micro = self._generators(input_ids.device)
         t = self.sample_times(input_ids.shape[0], input_ids.device, shared, micro)
         loss, components = self.diffusion_loss(model, unwrapped, input_ids, attention_mask, t, local)
+        if model.training and self.args.nan_guard and not bool(torch.isfinite(loss.detach())):
+            parts = ", ".join(f"{k}={float(v):.4g}" for k, v in components.items())
+            raise FloatingPointError(
+                f"non-finite training loss {float(loss.detach())} at step {self.state.global_step + 1} ({parts}; t in "
+                f"[{float(t.min()):.4g}, {float(t.max()):.4g}]); training stopped before the update, so the weights "
+                f"and the checkpoints in {self.args.output_dir} hold no NaN. Lower the learning rate or check the data"
+            )
         if model.training:
             for key, value in components.items():
                 self._components[key].append(float(value))
@@ -182,3 +191,18 @@ class DiffusionTrainer(Trainer):
         if self.ema is not None and not self.ema.load(resume_from_checkpoint, device=self.args.device):
             logger.warning("no EMA weights in %s; restarting the average from the current weights",
                            resume_from_checkpoint)
+
+    def create_model_card(self, *args, **kwargs):
+        """Writes `output_dir/README.md` (used by `push_to_hub`): dlm's card with the variant, its method and papers,
+        this run's steps and its last measured evaluation (trainers/model_card.py), instead of the generic card."""
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_trainer_model_card
+
+        names = ("language", "license", "tags", "model_name", "finetuned_from", "tasks", "dataset_tags", "dataset")
+        kwargs.update(zip(names, args))
+        try:
+            write_trainer_model_card(self, **kwargs)
+        except (OSError, ValueError, KeyError, ImportError) as err:
+            logger.warning("could not build the dlm model card (%s); writing the Trainer's generic card", err)
+            super().create_model_card(**kwargs)

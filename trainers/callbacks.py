@@ -1,9 +1,12 @@
-"""Training callbacks: an exponential moving average (EMA) of the weights.
+"""Training callbacks: an exponential moving average (EMA) of the weights, and a guard against non-finite gradients.
 
 MDLM, Duo and Plaid evaluate and sample with EMA weights (decay 0.9999). transformers' Trainer has no EMA, so
 `EMACallback` keeps a float32 shadow of the trainable parameters, updates it after every optimizer step, writes it to
 `ema.safetensors` in each checkpoint folder (so a resumed run continues the same average) and can swap it into the
 model for evaluation and export (`DiffusionTrainer` does both).
+
+`NonFiniteGuardCallback` stops training before an optimizer step whose gradients hold NaN or inf, so no NaN weights are
+ever written (the loss itself is checked in `DiffusionTrainer.compute_loss`).
 """
 
 from __future__ import annotations
@@ -92,3 +95,22 @@ class EMACallback(TrainerCallback):
             with torch.no_grad():
                 for name, value in backup.items():
                     params[name].copy_(value)
+
+
+class NonFiniteGuardCallback(TrainerCallback):
+    """Raise `FloatingPointError` naming the step and the first offending parameters before the optimizer applies a
+    non-finite gradient. One fused reduction per step (a device sync)."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        if not grads:  # e.g. DeepSpeed keeps gradients elsewhere; the loss check still applies
+            return
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads])
+        if bool(finite.all()):
+            return
+        bad = [n for (n, _), ok in zip(grads, finite.tolist()) if not ok]
+        raise FloatingPointError(
+            f"non-finite gradients at step {state.global_step + 1} in {len(bad)} parameters (first: {bad[:3]}); "
+            f"training stopped before the optimizer step, so the weights and the checkpoints in {args.output_dir} "
+            f"hold no NaN. Lower the learning rate, keep max_grad_norm > 0, or set nan_guard=False to skip this check."
+        )

@@ -53,6 +53,27 @@ class DataArguments:
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (corpora too large for disk)."})
 
 
+@dataclass
+class LoraArguments:
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "LoRA rank (0 = full fine-tuning). With r > 0, --init_from's weights stay frozen, the "
+                          "per-variant defaults of trainers/lora.py train, and --output_dir receives the adapter."},
+    )
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scale numerator (updates scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA adapters' input."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module names to adapt (or 'all-linear'), replacing the variant's "
+                          "default (attn_qkv,attn_out,fc1,fc2,adaLN_modulation; RePlaid adds its input projections)."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "Also save the merged full model (adapters folded into the base weights) to "
+                          "OUTPUT_DIR/merged; it loads with AutoModel.from_pretrained(..., trust_remote_code=True)."},
+    )
+
+
 def _positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """Let `dlm eval DIR` mean `dlm eval --model_dir DIR` (HfArgumentParser only knows flags)."""
     argv = list(argv)
@@ -151,13 +172,48 @@ def build_model(variant: str, body: dict, tokenizer, seq_len: int):
 def cmd_train(argv: list[str]) -> int:
     from trainers import DiffusionTrainingArguments
 
-    parser = _hf_parser(ModelArguments, DataArguments, DiffusionTrainingArguments)
+    parser = _hf_parser(ModelArguments, DataArguments, LoraArguments, DiffusionTrainingArguments)
     parser.prog = "dlm train"
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    return train(model_args, data_args, training_args)
+    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(argv)
+    return train(model_args, data_args, training_args, lora_args)
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args) -> int:
+def _check_lora_args(lora_args: LoraArguments | None, variant: str, model_args: ModelArguments, training_args) -> bool:
+    """Whether LoRA is on; raises on flag combinations that cannot work."""
+    if lora_args is None or (lora_args.lora_r == 0 and not lora_args.merge_lora):
+        return False
+    if lora_args.lora_r < 1:
+        raise ValueError(f"--lora_r must be >= 0, got {lora_args.lora_r}" if lora_args.lora_r < 0
+                         else "--merge_lora needs --lora_r > 0")
+    if variant == "ar":
+        raise ValueError("--lora_r applies to the diffusion variants; for --variant ar wrap the Llama model with peft")
+    if not model_args.init_from:
+        raise ValueError("--lora_r adapts a trained model: pass --init_from CHECKPOINT (a fresh model's random base "
+                         "weights would not be saved with the adapter)")
+    deepspeed = getattr(training_args, "hf_deepspeed_config", None)
+    if lora_args.merge_lora and (training_args.fsdp or (deepspeed is not None and deepspeed.is_zero3())):
+        raise ValueError("--merge_lora needs the full weights on one process, not --fsdp or ZeRO-3 shards; merge the "
+                         "saved adapter afterwards with trainers.merge_lora(PeftModel.from_pretrained(base, adapter))")
+    return True
+
+
+def _save_merged_lora(trainer, tokenizer, directory: str) -> None:
+    """Save the adapters folded into the base weights (the EMA adapters when EMA is on) as a full model."""
+    import contextlib
+
+    from trainers import merge_lora
+
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    ema = getattr(trainer, "ema", None)
+    with ema.swapped(peft_model) if ema is not None else contextlib.nullcontext():
+        merged = merge_lora(peft_model)
+    merged.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    logger.info("saved the merged model to %s", directory)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args,
+          lora_args: LoraArguments | None = None) -> int:
     from transformers import Trainer, TrainingArguments
 
     from trainers import TRAINERS
@@ -165,6 +221,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     variant = model_args.variant
     if variant not in VARIANT_NAMES:
         raise ValueError(f"--variant must be one of {VARIANT_NAMES}, got {variant!r}")
+    use_lora = _check_lora_args(lora_args, variant, model_args, training_args)
     tokenizer = _load_tokenizer(model_args.tokenizer, variant)
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     if model_args.init_from:
@@ -178,6 +235,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     logger.info("variant %s: %.2fM parameters, %d train / %s eval examples of %d tokens", variant, n_params / 1e6,
                 len(train_ds) if hasattr(train_ds, "__len__") else -1,
                 len(eval_ds) if hasattr(eval_ds, "__len__") else "?", data_args.seq_len)
+    if use_lora:
+        from trainers import apply_lora
+
+        targets = lora_args.lora_target_modules
+        if targets is not None and targets != "all-linear":
+            targets = [name.strip() for name in targets.split(",") if name.strip()]
+        model = apply_lora(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+                           target_modules=targets)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("LoRA r=%d: %.3fM trainable parameters (%.2f%%)", lora_args.lora_r, trainable / 1e6,
+                    100 * trainable / n_params)
     if variant == "ar":
         from transformers import DataCollatorForLanguageModeling
 
@@ -195,7 +263,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args) -
     if trainer.is_world_process_zero():
         if metrics:
             trainer.save_metrics("eval", metrics)
-        logger.info("saved %s to %s", variant, training_args.output_dir)
+        logger.info("saved %s%s to %s", variant, " LoRA adapter" if use_lora else "", training_args.output_dir)
+        if use_lora and lora_args.merge_lora:
+            _save_merged_lora(trainer, tokenizer, os.path.join(training_args.output_dir, "merged"))
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
     return 0
 
@@ -340,35 +410,51 @@ def cmd_generate(argv: list[str]) -> int:
 # ---- push -----------------------------------------------------------------------------------------------------------
 @dataclass
 class PushArguments:
-    model_dir: str = field(metadata={"help": "Checkpoint folder written by dlm train."})
+    model_dir: str = field(metadata={"help": "Checkpoint folder written by dlm train / save_pretrained."})
     repo_id: str = field(metadata={"help": "Target Hub repo, e.g. my-org/duo-small."})
     private: bool = field(default=False, metadata={"help": "Create the repo as private."})
     commit_message: str = field(default="Upload dlm model", metadata={"help": "Commit message."})
-
-
-# Files a checkpoint folder may hold that must never leave the machine (secrets, optimizer state, run logs).
-PUSH_ALLOW = ("*.json", "*.safetensors", "*.py", "*.txt", "*.model", "README.md")
-PUSH_IGNORE = ("training_args.bin", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "optimizer*", "scheduler*",
-               "rng_state*", "trainer_state.json", "*_results.json", "checkpoint-*/*", "runs/*", ".env", "*.env",
-               "*token*", "*.key", "*secret*")
+    revision: str | None = field(default=None, metadata={"help": "Branch to commit to (default: main)."})
+    no_card: bool = field(default=False, metadata={"help": "Push no README.md model card."})
+    card_template: str | None = field(
+        default=None, metadata={"help": "Jinja template for the generated card (default: dlm's, in model_cards/)."}
+    )
+    regenerate_card: bool = field(
+        default=False, metadata={"help": "Generate the card even if the folder already holds a README.md."}
+    )
+    eval_json: list[str] = field(
+        default_factory=list, metadata={"help": "Evaluation JSON files (the last line of `dlm eval`) for the card; "
+                                                "eval_results.json and dlm_eval*.json in the folder are found "
+                                                "automatically."}
+    )
+    license: str | None = field(default=None, metadata={"help": "License id for the card metadata, e.g. apache-2.0."})
+    dry_run: bool = field(default=False, metadata={"help": "List the files that would be pushed; send nothing."})
 
 
 def cmd_push(argv: list[str]) -> int:
-    from huggingface_hub import HfApi
+    """Push a checkpoint as one commit: safetensors weights, config + code for trust_remote_code, generation config,
+    tokenizer and a model card; never optimizer state, training args, pickles or credentials (trainers/hub.py)."""
+    from trainers.hub import push_checkpoint
 
     parser = _hf_parser(PushArguments)
     parser.prog = "dlm push"
     (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir", "repo_id")))
-    folder = Path(args.model_dir)
-    if not (folder / "config.json").is_file():
-        raise OSError(f"{folder} is not a checkpoint folder: config.json is missing")
-    if not list(folder.glob("*.safetensors")):
-        raise OSError(f"{folder} holds no .safetensors weights; dlm pushes safetensors only")
-    api = HfApi()
-    repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message=args.commit_message,
-                             allow_patterns=list(PUSH_ALLOW), ignore_patterns=list(PUSH_IGNORE))
-    print(json.dumps({"repo_id": repo.repo_id, "commit": getattr(info, "oid", None)}))
+    if args.card_template is not None and not Path(args.card_template).is_file():
+        raise OSError(f"--card_template file not found: {args.card_template}")
+    for path in args.eval_json:
+        if not Path(path).is_file():
+            raise OSError(f"--eval_json file not found: {path}")
+    card = "none" if args.no_card else "generate" if (args.regenerate_card or args.card_template) else "auto"
+    result = push_checkpoint(args.model_dir, args.repo_id, private=args.private or None,
+                             commit_message=args.commit_message, revision=args.revision, card=card,
+                             card_template=args.card_template, eval_files=args.eval_json, license=args.license,
+                             dry_run=args.dry_run)
+    if args.dry_run:
+        logger.info("dry run: would push %d files to %s: %s", len(result.files), args.repo_id,
+                    ", ".join(result.files))
+    else:
+        logger.info("pushed %d files to %s (commit %s)", len(result.files), result.repo_id, result.commit)
+    print(json.dumps(result.to_dict()))
     return 0
 
 
@@ -498,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command][0](rest)
-    except (ValueError, TypeError, OSError, NotImplementedError, KeyError) as err:
+    except (ValueError, TypeError, OSError, NotImplementedError, KeyError, FloatingPointError) as err:
         if debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
