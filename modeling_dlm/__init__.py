@@ -9,6 +9,7 @@ from .configuration_dlm import DiffusionLMConfig, DuoConfig, MDLMConfig, RePlaid
 from .generation_dlm import (
     DiffusionGenerateOutput,
     DiffusionGenerationConfig,
+    DraftStreamer,
     DuoGenerationConfig,
     MDLMGenerationConfig,
     RePlaidGenerationConfig,
@@ -47,18 +48,34 @@ def register_auto_classes() -> None:
 
 register_auto_classes()
 
+# The pipeline module imports transformers' pipeline machinery: loaded on first use, not by `import modeling_dlm`.
+_LAZY_PIPELINE_EXPORTS = ("DLMTextGenerationPipeline", "PIPELINE_TASK", "register_pipeline")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_PIPELINE_EXPORTS:
+        from .pipeline_dlm import PIPELINE_TASK, DLMTextGenerationPipeline, register_pipeline
+
+        exports = (DLMTextGenerationPipeline, PIPELINE_TASK, register_pipeline)
+        return dict(zip(_LAZY_PIPELINE_EXPORTS, exports))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DiffusionGenerateOutput",
     "DiffusionGenerationConfig",
     "DiffusionLMConfig",
     "DiffusionLMOutput",
     "DiffusionLMPreTrainedModel",
+    "DLMTextGenerationPipeline",
+    "DraftStreamer",
     "DuoConfig",
     "DuoForDiffusionLM",
     "DuoGenerationConfig",
     "MDLMConfig",
     "MDLMForDiffusionLM",
     "MDLMGenerationConfig",
+    "PIPELINE_TASK",
     "RePlaidConfig",
     "RePlaidForDiffusionLM",
     "RePlaidGenerationConfig",
@@ -67,4 +84,5 @@ __all__ = [
     "SDDLMGenerationConfig",
     "VARIANTS",
     "register_auto_classes",
+    "register_pipeline",
 ]

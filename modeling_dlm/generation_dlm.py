@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
 
@@ -272,8 +273,10 @@ class DiffusionLMGenerationMixin:
         update the generation config (`num_steps`, `sampler`, `temperature`, `top_p`, `top_k`, `max_new_tokens`,
         `return_dict_in_generate`, `output_trajectory`, `show_progress`, ...); `generator` (a torch.Generator) makes
         sampling reproducible; `infill_mask` (B, L) bool marks positions of `input_ids` to fill instead of appending.
-        A `streamer` receives the prompt via `put`, each step's draft via `put_draft` (if it has it), the final new
-        tokens via `put`, then `end()`.
+        A `streamer` receives the prompt via `put`, each step's draft (the whole (1, L) canvas, prompt included) via
+        `put_draft` (if it has it), the final new tokens via `put`, then `end()`; when infilling, the prompt is empty
+        and the final `put` carries the whole canvas. `TextStreamer` prints the final text; `DraftStreamer` collects
+        (and can print) the text of every step.
         """
         generator = kwargs.pop("generator", None)
         batch_size = kwargs.pop("batch_size", None)
@@ -293,10 +296,12 @@ class DiffusionLMGenerationMixin:
         canvas, given, mask = self._prepare_canvas(input_ids, attention_mask, infill_mask, batch_size,
                                                    gen.max_new_tokens)
         B, L = canvas.shape
+        # The streamer's "prompt": the given prefix; when infilling, nothing (the final put carries the whole canvas).
+        prompt_len = input_ids.shape[1] if (input_ids is not None and infill_mask is None) else 0
         if streamer is not None:
             if B != 1:
                 raise ValueError(f"streamers support batch size 1 only, got batch size {B}")
-            streamer.put(canvas[:, : (input_ids.shape[1] if input_ids is not None else 0)].cpu())
+            streamer.put(canvas[:, :prompt_len].cpu())
 
         was_training = self.training
         self.eval()
@@ -317,7 +322,6 @@ class DiffusionLMGenerationMixin:
             self.train(was_training)
 
         if streamer is not None:
-            prompt_len = input_ids.shape[1] if (input_ids is not None and infill_mask is None) else 0
             streamer.put(draft[:, prompt_len:].cpu())
             streamer.end()
         if gen.return_dict_in_generate:
@@ -447,3 +451,67 @@ class RePlaidGenerationMixin(DiffusionLMGenerationMixin):
 
     def _sampling_tokens(self, state):
         return state["tokens"]
+
+
+class DraftStreamer(BaseStreamer):
+    r"""A streamer for `generate` (batch size 1) that decodes the draft of every denoising step.
+
+    `generate` sends the prompt (`put`), the whole canvas after each step (`put_draft`), the final new tokens (`put`),
+    then calls `end()`. This streamer keeps, for the latest call:
+        drafts: the decoded text after each step (`len(drafts) == num_steps`); the last one is the output's text.
+        draft_ids: the token ids (1-D LongTensor) after each step.
+        text: the final text (prompt and completion; only the completion with `skip_prompt`), set by `end()`.
+    Args:
+        tokenizer: decodes the ids.
+        stream (*optional*): a text stream such as `sys.stdout`; if given, one line per step, `[k] text`, is written to
+            it as sampling runs (newlines in drafts are written as `\n`, so each step stays on one line).
+        skip_prompt: decode only what follows the prompt (drafts and final text).
+        decode_kwargs: passed to `tokenizer.decode` (e.g. `skip_special_tokens=True` hides MDLM's mask tokens).
+    """
+
+    def __init__(self, tokenizer, stream=None, skip_prompt: bool = False, **decode_kwargs):
+        self.tokenizer = tokenizer
+        self.stream = stream
+        self.skip_prompt = skip_prompt
+        self.decode_kwargs = decode_kwargs
+        self.prompt_ids = torch.zeros(0, dtype=torch.long)
+        self.new_ids = torch.zeros(0, dtype=torch.long)
+        self.draft_ids: list[torch.Tensor] = []
+        self.drafts: list[str] = []
+        self.text: str | None = None
+        self._next_is_prompt = True
+
+    @staticmethod
+    def _row(value) -> torch.Tensor:
+        value = torch.as_tensor(value)
+        if value.dim() > 1:
+            if value.shape[0] != 1:
+                raise ValueError(f"DraftStreamer supports batch size 1 only, got a batch of {value.shape[0]}")
+            value = value[0]
+        return value.long().cpu()
+
+    def _decode(self, ids: torch.Tensor) -> str:
+        if self.skip_prompt:
+            ids = ids[len(self.prompt_ids):]
+        return self.tokenizer.decode(ids.tolist(), **self.decode_kwargs)
+
+    def put(self, value) -> None:
+        ids = self._row(value)
+        if self._next_is_prompt:  # a new generate call: forget the previous one
+            self.prompt_ids, self.new_ids = ids, torch.zeros(0, dtype=torch.long)
+            self.draft_ids, self.drafts, self.text = [], [], None
+            self._next_is_prompt = False
+        else:
+            self.new_ids = torch.cat([self.new_ids, ids])
+
+    def put_draft(self, value) -> None:
+        ids = self._row(value)
+        self.draft_ids.append(ids)
+        self.drafts.append(self._decode(ids))
+        if self.stream is not None:
+            self.stream.write(f"[{len(self.drafts)}] {self.drafts[-1]}".replace("\n", "\\n") + "\n")
+            self.stream.flush()
+
+    def end(self) -> None:
+        self.text = self._decode(torch.cat([self.prompt_ids, self.new_ids]))
+        self._next_is_prompt = True

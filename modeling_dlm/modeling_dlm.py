@@ -65,7 +65,13 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
     _auto_class = "AutoModel"  # makes save_pretrained copy this folder's code next to the weights
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, with an `auto_map` for AutoConfig, AutoModel and AutoModelForMaskedLM."""
+        """`PreTrainedModel.save_pretrained`, with an `auto_map` for AutoConfig, AutoModel and AutoModelForMaskedLM,
+        and the `dlm-text-generation` pipeline in `custom_pipelines`, so that `pipeline(model=checkpoint,
+        trust_remote_code=True)` infers the task. Save the tokenizer into the same folder for the pipeline to work."""
+        # A relative import in this file makes transformers ship `pipeline_dlm.py` with the model code (on save, and
+        # into the module cache when this file is loaded as remote code, so re-saving a Hub model keeps it too).
+        from .pipeline_dlm import PIPELINE_TASK, DLMTextGenerationPipeline
+
         module = type(self).__module__.rsplit(".", 1)[-1]
         config_module = type(self.config).__module__.rsplit(".", 1)[-1]
         name = f"{module}.{type(self).__name__}"
@@ -73,6 +79,14 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
             "AutoConfig": f"{config_module}.{type(self.config).__name__}",
             "AutoModel": name,
             "AutoModelForMaskedLM": name,
+        }
+        pipeline_class = DLMTextGenerationPipeline
+        self.config.custom_pipelines = {
+            PIPELINE_TASK: {
+                "impl": f"{pipeline_class.__module__.rsplit('.', 1)[-1]}.{pipeline_class.__name__}",
+                "pt": ["AutoModel"],  # names of transformers Auto classes, resolved with getattr(transformers, ...)
+                "type": "text",
+            }
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -348,6 +362,8 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         t: torch.Tensor | None = None,
         self_cond: torch.Tensor | None = None,
         output_prior_scale: float = 1.0,
+        gamma: torch.Tensor | None = None,
+        output_prior_stop_gradient: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> DiffusionLMOutput | tuple:
@@ -359,6 +375,11 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
             t (`(B,)`, *optional*): diffusion time in [0, 1] (default 0).
             self_cond (`(B, L, embedding_dim)`, *optional*): previous estimate of the clean embeddings (zeros if None).
             output_prior_scale: weight of the output-prior logit term (trainers warm it up from 0 to 1).
+            gamma (`(B,)`, *optional*): the log noise-to-signal ratio at t, used instead of `noise_schedule(t)` (the
+                trainer passes it to control the schedule's gradients); `t` still feeds the adaLN when
+                `config.time_input == "t"`.
+            output_prior_stop_gradient (`(B,)` bool, *optional*): entries whose output-prior term sends no gradient to
+                the embeddings E (the self-conditioning entries in training, methods.md §C.3).
         """
         E = self.normalized_embeddings()
         if (input_ids is None) == (noisy_embeds is None):
@@ -373,7 +394,11 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
             raise ValueError(f"`t` must have shape ({B},), got {tuple(t.shape)}")
         if bool(((t < 0) | (t > 1)).any()):
             raise ValueError(f"`t` must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
-        gamma, _ = self.noise_schedule(t)  # (B,) float64
+        if gamma is None:
+            gamma, _ = self.noise_schedule(t)  # (B,) float64
+        elif tuple(gamma.shape) != (B,):
+            raise ValueError(f"`gamma` must have shape ({B},), got {tuple(gamma.shape)}")
+        gamma = gamma.double()
         alpha, sigma = gaussian_alpha_sigma(gamma)
         if input_ids is not None:
             self._check_batch(input_ids, attention_mask)
@@ -395,7 +420,12 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
             attention_mask = None
         logits, hidden_states = self.backbone(h, time_input, attention_mask, bool(output_hidden_states))
         if self.config.output_prior and output_prior_scale:
-            prior = (alpha / sigma**2).float()[:, None, None] * (z @ E.T)  # (B, L, V)
+            with torch.autocast(z.device.type, enabled=False):  # float32 under bf16 autocast: alpha/sigma^2 ~ 20
+                coefficient = (alpha / sigma**2).float()[:, None, None]  # (B, 1, 1)
+                prior = coefficient * (z @ E.T)  # (B, L, V)
+                if output_prior_stop_gradient is not None and bool(output_prior_stop_gradient.any()):
+                    stopped = coefficient * (z @ E.detach().T)
+                    prior = torch.where(output_prior_stop_gradient.to(prior.device)[:, None, None], stopped, prior)
             logits = logits.float() + output_prior_scale * prior
         if return_dict is False:
             return (logits,) if hidden_states is None else (logits, hidden_states)
@@ -408,7 +438,8 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
             with torch.no_grad():
                 first = self(noisy_embeds=z, t=t, attention_mask=attention_mask,
                              output_prior_scale=output_prior_scale).logits
-                self_cond = first.float().softmax(-1) @ self.normalized_embeddings()
+                with torch.autocast(z.device.type, enabled=False):
+                    self_cond = first.float().softmax(-1) @ self.normalized_embeddings()
         return self(noisy_embeds=z, t=t, self_cond=self_cond, attention_mask=attention_mask,
                     output_prior_scale=output_prior_scale).logits
 
@@ -435,7 +466,8 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         gamma_t, dgamma_t = self.noise_schedule(t)
         z_t = self.noise_scheduler.add_noise(embeds, gamma_t, generator=generator)
         logits_t = self._denoise(z_t, t, attention_mask, self_conditioning)
-        embeds_hat = logits_t.float().softmax(-1) @ E
+        with torch.autocast(z_t.device.type, enabled=False):  # float32: bf16 would bias ||e - e_hat||^2 near t = 0
+            embeds_hat = logits_t.float().softmax(-1) @ E
         diffusion = self.noise_scheduler.diffusion_loss(embeds, embeds_hat, gamma_t, dgamma_t)
         return {"prior": prior, "reconstruction": recon, "diffusion": diffusion}
 

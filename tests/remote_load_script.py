@@ -8,9 +8,13 @@ an empty working directory, with `HF_HUB_OFFLINE=1` and a fresh `HF_HOME`:
 JOBS.json maps a name (the variant) to {"checkpoint": dir, "inputs": .safetensors, "reference": .safetensors,
 "spec": .json}. The script checks that the dlm package (and the training stack) cannot be imported, loads each
 checkpoint through AutoConfig, AutoModel and AutoModelForMaskedLM with `trust_remote_code=True`, recomputes the
-reference outputs with `compute_outputs` (the same function produced them) and prints one line `RESULT {json}` that
-the test asserts on; an exception while checking one checkpoint is reported for that checkpoint only.
-This file imports only the standard library at module level, so the test process can import `compute_outputs` too.
+reference outputs with `compute_outputs` (the same function produced them), runs the checkpoint's own
+`dlm-text-generation` pipeline (`pipeline(model=dir, trust_remote_code=True)`, task inferred) with `run_pipeline`, and
+re-saves the remote-code model with its tokenizer to a temporary folder, which must work as a checkpoint again. It
+prints one line `RESULT {json}` that the test asserts on; an exception while checking one checkpoint (or its pipeline)
+is reported for that checkpoint (or pipeline) only.
+This file imports only the standard library at module level, so the test process can import `compute_outputs` and
+`run_pipeline` too.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import tempfile
 import traceback
 
 
@@ -49,6 +54,12 @@ def compute_outputs(model, inputs: dict, spec: dict) -> dict:
         input_ids=inputs["generate.input_ids"], generator=generator, **spec["generate"]["kwargs"]
     ).contiguous()
     return out
+
+
+def run_pipeline(pipe, spec: dict) -> list:
+    """The generated texts of `pipe` on the spec's prompts, seeded (a list of lists of strings, one per prompt)."""
+    outputs = pipe(spec["inputs"], seed=spec["seed"], **spec["kwargs"])
+    return [[record["generated_text"] for record in records] for records in outputs]
 
 
 def compare(outputs: dict, reference: dict) -> dict:
@@ -87,6 +98,28 @@ def _module_file(obj) -> str:
     return os.path.realpath(getattr(sys.modules[type(obj).__module__], "__file__", "") or "")
 
 
+def check_pipeline(checkpoint: str, spec: dict) -> dict:
+    """Run the checkpoint's own pipeline (task inferred from config.json), then re-save its model (remote code, loaded
+    by the pipeline through AutoModel) and tokenizer to a temporary folder and run the pipeline from there: the
+    re-saved folder must ship pipeline_dlm.py again."""
+    from transformers import pipeline
+
+    pipe = pipeline(model=checkpoint, trust_remote_code=True)
+    result = {"task": pipe.task, "class": type(pipe).__name__, "module": type(pipe).__module__,
+              "file": _module_file(pipe), "model_class": type(pipe.model).__name__,
+              "model_module": type(pipe.model).__module__, "texts": run_pipeline(pipe, spec)}
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "resaved-" + os.path.basename(checkpoint))
+        pipe.model.save_pretrained(target)
+        pipe.tokenizer.save_pretrained(target)
+        with open(os.path.join(target, "config.json")) as f:
+            custom_pipelines = json.load(f).get("custom_pipelines")
+        resaved = pipeline(model=target, trust_remote_code=True)
+        result["resaved"] = {"files": sorted(os.listdir(target)), "custom_pipelines": custom_pipelines,
+                             "task": resaved.task, "texts": run_pipeline(resaved, spec)}
+    return result
+
+
 def check_checkpoint(job: dict) -> dict:
     """Load one checkpoint through AutoConfig, AutoModel and AutoModelForMaskedLM and compare with its reference."""
     from safetensors.torch import load_file
@@ -117,6 +150,10 @@ def check_checkpoint(job: dict) -> dict:
             "generation_config": {key: getattr(gen, key, None) for key in spec["generation_config"]},
             "outputs": compare(outputs, reference),
         }
+    try:
+        result["pipeline"] = check_pipeline(checkpoint, spec["pipeline"])
+    except Exception:  # reported on its own, so that the model checks above still count
+        result["pipeline"] = {"error": traceback.format_exc()}
     return result
 
 

@@ -4,7 +4,9 @@ are installed, and the shipped files (`modeling_dlm/*.py` except `__init__.py`) 
 
 - `bare_python` builds (once, then reuses) a virtual environment holding only torch and transformers, at the versions
   installed here: `$DLM_BARE_VENV`, else `<repo>/.cache/bare-venv`.
-- Per variant, a checkpoint and reference outputs are saved here and `tests/remote_load_script.py` reloads them there.
+- Per variant, a checkpoint (with a character-level tokenizer) and reference outputs are saved here and
+  `tests/remote_load_script.py` reloads them there, runs the checkpoint's `dlm-text-generation` pipeline and re-saves
+  the remote-code model.
 - Static checks scan the shipped sources with `ast` and with transformers' own load-time import check.
 - Importing the shipped files (as transformers does, without the package `__init__`) only defines things.
 """
@@ -26,9 +28,9 @@ import transformers
 from safetensors.torch import save_file
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from modeling_dlm import VARIANTS
+from modeling_dlm import PIPELINE_TASK, VARIANTS, DLMTextGenerationPipeline
 from tests.conftest import BATCH, SEQ, VOCAB, tiny_model
-from tests.remote_load_script import RESULT_PREFIX, compute_outputs
+from tests.remote_load_script import RESULT_PREFIX, compute_outputs, run_pipeline
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +47,10 @@ LOGITS_ATOL = 1e-5
 
 ALLOWED_TOP_LEVEL = {"torch", "transformers"}
 STDLIB = set(sys.stdlib_module_names)
+PIPELINE_ENTRY = {PIPELINE_TASK: {"impl": "pipeline_dlm.DLMTextGenerationPipeline", "pt": ["AutoModel"],
+                                  "type": "text"}}
+# Prompts of different lengths and an empty one, batched in twos: left padding and unconditional rows in one run.
+PIPELINE_SPEC = {"inputs": ["Hello", "ab", ""], "seed": 13, "kwargs": {"max_new_tokens": 5, "batch_size": 2}}
 GENERATION_CONFIG_CLASS = {
     "sddlm": "SDDLMGenerationConfig",
     "duo": "DuoGenerationConfig",
@@ -217,6 +223,23 @@ def _reference_inputs(variant: str, model) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _char_tokenizer():
+    """A real (tokenizers-backed) character-level tokenizer with exactly VOCAB = 61 ids: <|endoftext|> (bos, eos,
+    unk) = 0, [PAD] = 1, 58 characters, [MASK] = 60 (MDLM's default mask id, vocab_size - 1)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    chars = " " + string.ascii_lowercase + string.ascii_uppercase + ".,!?'"
+    vocab = {"<|endoftext|>": 0, "[PAD]": 1, **{c: i + 2 for i, c in enumerate(chars)}, "[MASK]": VOCAB - 1}
+    assert len(vocab) == VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))  # no merges: one id a char
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>", pad_token="[PAD]", mask_token="[MASK]")
+
+
 def _spec(variant: str, inputs: dict) -> dict:
     forward: dict[str, list[str]] = {}
     for key in inputs:
@@ -228,24 +251,29 @@ def _spec(variant: str, inputs: dict) -> dict:
         "nelbo": {"seed": 5, "num_time_samples": 2},
         "generate": {"seed": 7, "kwargs": {"max_new_tokens": 4}},  # num_steps/sampler come from generation_config
         "generation_config": sorted(GENERATION_OVERRIDES[variant]),
+        "pipeline": PIPELINE_SPEC,
     }
 
 
-def _save_checkpoint(variant: str, root: Path, name: str) -> tuple[Path, Path, Path, Path, dict]:
-    """A randomized tiny model saved under root/name, plus its inputs, reference outputs and spec beside it."""
+def _save_checkpoint(variant: str, root: Path, name: str) -> tuple[Path, Path, Path, Path, dict, list]:
+    """A randomized tiny model saved with a tokenizer under root/name, plus its inputs, reference outputs and spec
+    beside it, and the reference texts of its pipeline."""
     model = tiny_model(variant, seed=3)
     for key, value in GENERATION_OVERRIDES[variant].items():
         setattr(model.generation_config, key, value)
     checkpoint = root / name
+    tokenizer = _char_tokenizer()
     model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
     inputs = _reference_inputs(variant, model)
     spec = _spec(variant, inputs)
     reference = compute_outputs(model, inputs, spec)
+    texts = run_pipeline(DLMTextGenerationPipeline(model=model, tokenizer=tokenizer), spec["pipeline"])
     paths = root / "inputs.safetensors", root / "reference.safetensors", root / "spec.json"
     save_file({k: v.clone().contiguous() for k, v in inputs.items()}, paths[0])  # no shared storage
     save_file(reference, paths[1])
     paths[2].write_text(json.dumps(spec))
-    return checkpoint, *paths, reference
+    return checkpoint, *paths, reference, texts
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -255,6 +283,7 @@ def test_saved_checkpoint_ships_exactly_the_model_files(variant, tmp_path):
     saved = {p.name for p in tmp_path.iterdir()}
     assert "__init__.py" not in saved  # the registering __init__ must never reach the Hub
     assert {n for n in saved if n.endswith(".py")} == {p.name for p in SHIPPED}
+    assert "pipeline_dlm.py" in saved  # the dlm-text-generation pipeline ships with every checkpoint
     for path in SHIPPED:
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), f"{path.name} was altered on save"
     assert {"config.json", "generation_config.json", "model.safetensors"} <= saved
@@ -268,7 +297,8 @@ def test_saved_checkpoint_ships_exactly_the_model_files(variant, tmp_path):
         "AutoModel": f"modeling_dlm.{model_class.__name__}",
         "AutoModelForMaskedLM": f"modeling_dlm.{model_class.__name__}",
     }
-    for entry in config["auto_map"].values():
+    assert config["custom_pipelines"] == PIPELINE_ENTRY  # lets pipeline(model=dir) infer the task
+    for entry in [*config["auto_map"].values(), PIPELINE_ENTRY[PIPELINE_TASK]["impl"]]:
         assert (tmp_path / f"{entry.split('.')[0]}.py").exists()
 
 
@@ -299,9 +329,9 @@ def remote_load(bare_python, tmp_path_factory) -> dict:
     workdir, hf_home = root / "cwd", root / "hf_home"
     workdir.mkdir()
     hf_home.mkdir()
-    jobs, references = {}, {}
+    jobs, references, texts = {}, {}, {}
     for variant in VARIANTS:  # distinct folder names: each gets its own transformers_modules package
-        checkpoint, inputs_path, reference_path, spec_path, reference = _save_checkpoint(
+        checkpoint, inputs_path, reference_path, spec_path, reference, texts[variant] = _save_checkpoint(
             variant, root / variant, f"dlm-{variant}-tiny")
         jobs[variant] = {"checkpoint": str(checkpoint), "inputs": str(inputs_path),
                          "reference": str(reference_path), "spec": str(spec_path)}
@@ -316,7 +346,8 @@ def remote_load(bare_python, tmp_path_factory) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if len(lines) != 1:
         pytest.fail(f"the remote load printed no result line:\n{_tail(proc.stdout + proc.stderr)}")
-    return {"result": json.loads(lines[0][len(RESULT_PREFIX):]), "references": references, "workdir": workdir,
+    return {"result": json.loads(lines[0][len(RESULT_PREFIX):]), "references": references, "texts": texts,
+            "workdir": workdir,
             "hf_home": hf_home, "stderr": proc.stderr, "seconds": seconds}
 
 
@@ -379,6 +410,35 @@ def test_checkpoint_loads_with_only_torch_and_transformers(variant, remote_load)
                 assert check["finite"] and check["max_abs_diff"] <= LOGITS_ATOL, f"{what}: {check}"
             else:
                 assert check["equal"], f"{what}: {check}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pipeline_runs_with_only_torch_and_transformers(variant, remote_load):
+    """`pipeline(model=checkpoint, trust_remote_code=True)` in the bare process: the task comes from config.json, the
+    pipeline class from the checkpoint's pipeline_dlm.py, and the texts equal those of the installed pipeline on the
+    in-memory model (same seed). A re-saved remote-code model ships the pipeline again and gives the same texts."""
+    checked = remote_load["result"]["checkpoints"][variant]
+    assert "error" not in checked, f"{variant}: loading in the bare venv raised:\n{checked.get('error')}"
+    piped = checked["pipeline"]
+    assert "error" not in piped, f"{variant}: the pipeline in the bare venv raised:\n{piped.get('error')}"
+    hf_home = os.path.realpath(remote_load["hf_home"]) + os.sep
+    assert piped["task"] == PIPELINE_TASK
+    assert piped["class"] == DLMTextGenerationPipeline.__name__
+    assert piped["module"].startswith("transformers_modules.") and piped["module"].endswith(".pipeline_dlm")
+    assert piped["file"].startswith(hf_home)
+    assert piped["model_class"] == VARIANTS[variant][1].__name__
+    assert piped["model_module"].startswith("transformers_modules.")
+    expected = remote_load["texts"][variant]
+    prompts = PIPELINE_SPEC["inputs"]
+    assert [len(records) for records in expected] == [1] * len(prompts)
+    assert all(records[0].startswith(prompt) and len(records[0]) > len(prompt)  # text was generated
+               for prompt, records in zip(prompts, expected))
+    assert piped["texts"] == expected
+    resaved = piped["resaved"]
+    assert {n for n in resaved["files"] if n.endswith(".py")} == {p.name for p in SHIPPED}
+    assert "tokenizer.json" in resaved["files"] and resaved["custom_pipelines"] == PIPELINE_ENTRY
+    assert resaved["task"] == PIPELINE_TASK and resaved["texts"] == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -539,6 +599,7 @@ _IMPORT_PROBE = textwrap.dedent(
     import torch
     import transformers
     import transformers.initialization, transformers.modeling_layers, transformers.modeling_utils
+    import transformers.pipelines  # transformers imports pipeline_dlm.py from pipeline(), with this loaded already
     from transformers import GenerationConfig, PreTrainedConfig, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_MAPPING

@@ -9,13 +9,19 @@ returning the scalar loss and a dict of components to log. The base class:
 - returns a per-token mean, so `loss_is_scaled_for_ga = False` lets the Trainer divide by the accumulation steps;
 - evaluates the NELBO (a true bound, never the training loss) token-weighted over the whole eval set:
   `eval_loss` = `eval_nelbo` (nats/token), plus `eval_ppl_bound` = exp(eval_nelbo), `eval_bpd` and `eval_tokens`;
-- keeps an optional EMA (`ema_decay`) that is saved with checkpoints and swapped in for evaluation and `save_model`.
+- keeps an optional EMA (`ema_decay`) that is saved with checkpoints and swapped in for evaluation and `save_model`;
+- makes checkpoints crash-safe: a checkpoint counts as complete only once `dlm_checkpoint.json` (written last,
+  atomically, with every file's size) is in it; older checkpoints are rotated out only after that; and
+  `train(resume_from_checkpoint=True)` resumes from the newest *complete* checkpoint, refusing a truncated one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import re
 from collections import defaultdict
 
 import torch
@@ -29,6 +35,55 @@ from .evaluation import nelbo_batch_sums
 
 
 logger = logging.getLogger(__name__)
+CHECKPOINT_MARKER = "dlm_checkpoint.json"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def write_checkpoint_marker(folder: str, step: int) -> None:
+    """Record every file of a finished checkpoint with its size, atomically (temp file, fsync, rename)."""
+    files = {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+             if os.path.isfile(os.path.join(folder, name)) and name != CHECKPOINT_MARKER}
+    tmp = os.path.join(folder, CHECKPOINT_MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, CHECKPOINT_MARKER))
+
+
+def checkpoint_problem(folder: str) -> str | None:
+    """Why `folder` is not a complete dlm checkpoint, or None if it is."""
+    marker = os.path.join(folder, CHECKPOINT_MARKER)
+    if not os.path.isfile(marker):
+        return f"no {CHECKPOINT_MARKER} (the save was interrupted)"
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"unreadable {CHECKPOINT_MARKER}: {err}"
+    for name, size in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` (incomplete newer ones are logged and skipped)."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                    if (m := _CHECKPOINT_DIR.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
+                   reverse=True)
+    for _, name in found:
+        folder = os.path.join(output_dir, name)
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        logger.warning("skipping incomplete checkpoint %s: %s", folder, problem)
+    return None
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -61,7 +116,8 @@ class DiffusionTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not hasattr(unwrapped, "noise_scheduler"):
             raise TypeError(f"{type(self).__name__} needs a dlm diffusion model, got {type(unwrapped).__name__}")
-        self.ema = EMACallback(self.args.ema_decay) if self.args.ema_decay > 0 else None
+        # the trainer writes the EMA itself, inside the checkpoint's completion marker
+        self.ema = EMACallback(self.args.ema_decay, save_on_checkpoint=False) if self.args.ema_decay > 0 else None
         if self.ema is not None:
             self.add_callback(self.ema)
         if self.args.nan_guard:
@@ -185,6 +241,44 @@ class DiffusionTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         with self.ema.swapped(self.accelerator.unwrap_model(self.model)):
             return super().save_model(output_dir, _internal_call)
+
+    def save_extra_state(self, folder: str) -> None:
+        """Hook: objective state that must travel with a checkpoint (written before the completion marker)."""
+        if self.ema is not None:
+            self.ema.save(folder)
+
+    def _save_checkpoint(self, model, trial):
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate old checkpoints only once the new one is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            self.save_extra_state(folder)
+            write_checkpoint_marker(folder, self.state.global_step)
+            if limit:
+                self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`resume_from_checkpoint=True` resumes from the newest complete checkpoint in `output_dir`; a path must
+        hold a complete checkpoint (ValueError otherwise, naming what is wrong)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir!r}")
+        elif resume_from_checkpoint:
+            if not os.path.isdir(resume_from_checkpoint):
+                raise ValueError(f"resume_from_checkpoint={resume_from_checkpoint!r} is not a directory")
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise ValueError(f"checkpoint {resume_from_checkpoint!r} is incomplete or corrupt: {problem}; "
+                                 f"resume from an earlier one or pass resume_from_checkpoint=True")
+        if resume_from_checkpoint:
+            logger.info("resuming from %s", resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

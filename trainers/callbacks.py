@@ -26,10 +26,11 @@ EMA_WEIGHTS_NAME = "ema.safetensors"
 
 
 class EMACallback(TrainerCallback):
-    def __init__(self, decay: float):
+    def __init__(self, decay: float, save_on_checkpoint: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
         self.decay = decay
+        self.save_on_checkpoint = save_on_checkpoint  # False when the trainer saves it (dlm trainers do)
         self.shadow: dict[str, torch.Tensor] | None = None
 
     @staticmethod
@@ -71,7 +72,7 @@ class EMACallback(TrainerCallback):
         return True
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if self.save_on_checkpoint and state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 self.save(folder)

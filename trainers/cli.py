@@ -212,9 +212,16 @@ def _save_merged_lora(trainer, tokenizer, directory: str) -> None:
     logger.info("saved the merged model to %s", directory)
 
 
+def _resume_target(value: str | None) -> str | bool | None:
+    """`--resume_from_checkpoint last` (or `true`) means the newest complete checkpoint in --output_dir."""
+    if isinstance(value, str) and value.lower() in ("last", "true"):
+        return True
+    return value
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args,
           lora_args: LoraArguments | None = None) -> int:
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments, set_seed
 
     from trainers import TRAINERS
 
@@ -222,6 +229,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
     if variant not in VARIANT_NAMES:
         raise ValueError(f"--variant must be one of {VARIANT_NAMES}, got {variant!r}")
     use_lora = _check_lora_args(lora_args, variant, model_args, training_args)
+    set_seed(training_args.seed)  # the same --seed gives the same initial weights, and so the same run
     tokenizer = _load_tokenizer(model_args.tokenizer, variant)
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     if model_args.init_from:
@@ -257,7 +265,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
     else:
         trainer = TRAINERS[variant](model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                     processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if trainer.is_world_process_zero():
@@ -481,7 +489,7 @@ def cmd_distill(argv: list[str]) -> int:
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     trainer = DuoDistillationTrainer(model=student, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                      processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if trainer.is_world_process_zero():

@@ -178,10 +178,9 @@ class DuoDistillationTrainer(DiffusionTrainer):
         return loss, stats
 
     # the teacher travels with checkpoints, so a resumed run keeps the round's teacher
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.teacher is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+    def save_extra_state(self, folder: str) -> None:
+        super().save_extra_state(folder)
+        if self.teacher is not None:
             state = {k: v.contiguous().cpu() for k, v in self.teacher.state_dict().items()}
             save_file(state, os.path.join(folder, TEACHER_WEIGHTS_NAME), metadata={"round": str(self.teacher_round)})
 
