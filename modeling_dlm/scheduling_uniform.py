@@ -147,6 +147,35 @@ class UniformStateScheduler:
         term2 = (const - V * torch.log(xbar_z) + V * log_xbt_z - one_minus * S - V * alpha * log_xbt_x) / xbar_z
         return dalpha / (V * alpha) * (term1 - term2)
 
+    def nelbo_per_token_from_logits(
+        self,
+        logits: torch.Tensor,
+        x0: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        dalpha_t: torch.Tensor | float,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """`nelbo_per_token` with x_theta = softmax(logits), fused: the softmax, S = sum_j log xbar_theta[j] and the
+        two gathers run in one autograd node (`_UniformELBOTerms`) that keeps no (B, L, V) tensor besides the
+        logits and builds one (forward) or two (backward) (B, L, V) temporaries in `dtype` (the unfused chain keeps
+        five). Same value and gradient as `nelbo_per_token(logits.to(dtype).log_softmax(-1), ...)` up to rounding."""
+        V = self.vocab_size
+        alpha = _as_column(alpha_t, x0, dtype).clamp(min=1e-12)  # (B, 1)
+        dalpha = _as_column(dalpha_t, x0, dtype)
+        one_minus = (1 - alpha).clamp(min=1e-20)
+        a_big = V * alpha + one_minus
+        scale = (V * alpha).expand(x0.shape).contiguous()  # (B, L) V alpha; its dtype is the O(V) pass's
+        floor = one_minus.expand(x0.shape).contiguous()
+        S, log_p_z, log_p_x = _UniformELBOTerms.apply(logits, z_t, x0, scale, floor)  # (B, L) each, in `dtype`
+        log_xbt_z = torch.log(V * alpha * torch.exp(log_p_z) + one_minus)
+        log_xbt_x = torch.log(V * alpha * torch.exp(log_p_x) + one_minus)
+        xbar_z = torch.where(z_t == x0, a_big, one_minus)
+        term1 = V / xbar_z - V * torch.exp(-log_xbt_z)
+        const = a_big * torch.log(a_big) + (V - 1) * torch.special.xlogy(one_minus, one_minus)
+        term2 = (const - V * torch.log(xbar_z) + V * log_xbt_z - one_minus * S - V * alpha * log_xbt_x) / xbar_z
+        return dalpha / (V * alpha) * (term1 - term2)
+
     def nelbo_per_token_generic(
         self,
         x_theta: torch.Tensor,
@@ -169,6 +198,37 @@ class UniformStateScheduler:
         log_term = torch.log(xbar * xbar_theta_z / (xbar_z * xbar_theta))
         inner = V / xbar_z.squeeze(-1) - V / xbar_theta_z.squeeze(-1) - (ratio * log_term).sum(-1)
         return dalpha / (V * alpha.squeeze(-1)) * inner
+
+
+class _UniformELBOTerms(torch.autograd.Function):
+    """From logits (B, L, V), with p = softmax(logits) in the dtype of the per-position scale c and floor b (B, L):
+        S = sum_j log(c p_j + b),   log p[z],   log p[x]                                   (each (B, L))
+    Backward, with r_j = c p_j / (c p_j + b):
+        dS/dlogits = r - p sum_j r_j,   dlog p[k]/dlogits = e_k - p
+    The softmax is recomputed in backward from the saved logits and log-normaliser instead of being stored."""
+
+    @staticmethod
+    def forward(ctx, logits, z_t, x0, scale, floor):
+        dtype = scale.dtype
+        lse = torch.logsumexp(logits.to(dtype), dim=-1)  # (B, L)
+        p = (logits.to(dtype) - lse[..., None]).exp_()  # (B, L, V), the one temporary
+        log_p_z = logits.gather(-1, z_t[..., None]).squeeze(-1).to(dtype) - lse
+        log_p_x = logits.gather(-1, x0[..., None]).squeeze(-1).to(dtype) - lse
+        S = p.mul_(scale[..., None]).add_(floor[..., None]).log_().sum(-1)
+        ctx.save_for_backward(logits, lse, z_t, x0, scale, floor)
+        return S, log_p_z, log_p_x
+
+    @staticmethod
+    def backward(ctx, grad_S, grad_z, grad_x):
+        logits, lse, z_t, x0, scale, floor = ctx.saved_tensors
+        p = (logits.to(scale.dtype) - lse[..., None]).exp_()  # (B, L, V)
+        r = torch.addcmul(floor[..., None], p, scale[..., None])  # c p + b
+        r.reciprocal_().mul_(-floor[..., None]).add_(1)  # r = c p / (c p + b) = 1 - b / (c p + b)
+        coeff = grad_S * r.sum(-1) + grad_z + grad_x  # (B, L)
+        grad = r.mul_(grad_S[..., None]).sub_(p.mul_(coeff[..., None]))
+        grad.scatter_add_(-1, z_t[..., None], grad_z[..., None])
+        grad.scatter_add_(-1, x0[..., None], grad_x[..., None])
+        return grad.to(logits.dtype), None, None, None, None
 
 
 def gaussian_coupled_latents(
