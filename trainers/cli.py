@@ -96,9 +96,31 @@ def _datasets(data_args: DataArguments, tokenizer, **overrides):
 
 
 def _hf_parser(*dataclass_types):
+    """An `HfArgumentParser` whose usage errors (a missing required flag, a value of the wrong type, a bad choice)
+    raise ValueError, so that `main` prints them as one line instead of argparse's multi-line usage."""
     from transformers import HfArgumentParser
 
-    return HfArgumentParser(dataclass_types)
+    class OneLineErrorParser(HfArgumentParser):
+        def error(self, message):
+            raise ValueError(f"{message} (see `{self.prog} --help`)")
+
+    return OneLineErrorParser(dataclass_types)
+
+
+def _no_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return not accelerator.is_available()
+    return not torch.cuda.is_available()
+
+
+def _default_to_cpu(argv: list[str]) -> list[str]:
+    """Without CUDA or another accelerator, `--use_cpu true` unless the flag is given (otherwise every rank of a
+    `torchrun` launch on CPU would train alone instead of joining one gloo process group)."""
+    given = any(a.split("=", 1)[0] in ("--use_cpu", "--use-cpu") for a in argv)
+    return argv if given or not _no_accelerator() else [*argv, "--use_cpu", "true"]
 
 
 def _hub_config_path(variant: str, size: str) -> Path:
@@ -174,7 +196,7 @@ def cmd_train(argv: list[str]) -> int:
 
     parser = _hf_parser(ModelArguments, DataArguments, LoraArguments, DiffusionTrainingArguments)
     parser.prog = "dlm train"
-    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(argv)
+    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
     return train(model_args, data_args, training_args, lora_args)
 
 
@@ -212,6 +234,18 @@ def _save_merged_lora(trainer, tokenizer, directory: str) -> None:
     logger.info("saved the merged model to %s", directory)
 
 
+def _record_run(trainer, training_args, data_args, **fields) -> None:
+    """`dlm_training.json` beside the weights: what the model card reports about the run (dataset, tokenizer, ...)."""
+    if trainer.is_world_process_zero():
+        from trainers.model_card import write_training_record
+
+        write_training_record(training_args.output_dir, dataset=data_args.dataset,
+                              dataset_config=data_args.dataset_config, seq_len=data_args.seq_len, mode=data_args.mode,
+                              learning_rate=training_args.learning_rate,
+                              ema_decay=getattr(training_args, "ema_decay", None) or None,
+                              max_steps=trainer.state.global_step, **fields)
+
+
 def _resume_target(value: str | None) -> str | bool | None:
     """`--resume_from_checkpoint last` (or `true`) means the newest complete checkpoint in --output_dir."""
     if isinstance(value, str) and value.lower() in ("last", "true"):
@@ -229,16 +263,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
     if variant not in VARIANT_NAMES:
         raise ValueError(f"--variant must be one of {VARIANT_NAMES}, got {variant!r}")
     use_lora = _check_lora_args(lora_args, variant, model_args, training_args)
+    body = None if model_args.init_from else _load_config_dict(model_args)  # a bad --size/--config fails first
     set_seed(training_args.seed)  # the same --seed gives the same initial weights, and so the same run
     tokenizer = _load_tokenizer(model_args.tokenizer, variant)
+    if model_args.init_from:  # check the checkpoint against --variant and the tokenizer before loading any data
+        config = _load_config(model_args.init_from)
+        expected = "llama" if variant == "ar" else variant
+        if config.model_type != expected:
+            raise ValueError(f"--init_from {model_args.init_from} is a {config.model_type!r} checkpoint but --variant "
+                             f"is {variant!r} (expects model_type {expected!r})")
+        if config.vocab_size != len(tokenizer):
+            raise ValueError(f"--init_from {model_args.init_from} has vocab_size {config.vocab_size} but the "
+                             f"tokenizer has {len(tokenizer)} tokens")
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     if model_args.init_from:
         model = _load_model(model_args.init_from)
-        if model.config.vocab_size != len(tokenizer):
-            raise ValueError(f"--init_from {model_args.init_from} has vocab_size {model.config.vocab_size} but the "
-                             f"tokenizer has {len(tokenizer)} tokens")
     else:
-        model = build_model(variant, _load_config_dict(model_args), tokenizer, data_args.seq_len)
+        model = build_model(variant, body, tokenizer, data_args.seq_len)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("variant %s: %.2fM parameters, %d train / %s eval examples of %d tokens", variant, n_params / 1e6,
                 len(train_ds) if hasattr(train_ds, "__len__") else -1,
@@ -267,6 +308,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
                                     processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
+    _record_run(trainer, training_args, data_args, variant=variant, tokenizer=model_args.tokenizer or "builtin",
+                size=model_args.size, init_from=model_args.init_from)
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if trainer.is_world_process_zero():
         if metrics:
@@ -298,17 +341,53 @@ class EvalArguments:
     top_p: float | None = field(default=None, metadata={"help": "Nucleus filtering of the judged samples."})
 
 
-def _load_model(path: str, device: str | None = None):
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+def _load_config(path: str):
+    """The config of checkpoint `path` (a folder, or a Hub repo id); OSError naming `path` if there is none."""
+    from transformers import AutoConfig
 
     import modeling_dlm  # noqa: F401  (registers the dlm Auto classes)
 
+    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+    if not os.path.exists(path) and local:
+        raise OSError(f"checkpoint folder not found: {path}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise OSError(f"{path} is not a checkpoint folder (it is a file)")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise OSError(f"{path} is not a checkpoint folder: config.json is missing")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=True)
+    except OSError as err:
+        if os.path.isdir(path):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(f"{path!r} is neither a local checkpoint folder nor a reachable Hub repo: {first}") from err
+
+
+def _load_model(path: str, device: str | None = None):
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as err:
+            raise ValueError(f"--device {device!r} is not a torch device: {str(err).splitlines()[0]}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+    config = _load_config(path)
     auto = AutoModelForCausalLM if config.model_type == "llama" else AutoModel
-    model = auto.from_pretrained(path, trust_remote_code=True)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar would break one-line errors and JSON-only stdout
+    try:
+        model = auto.from_pretrained(path, trust_remote_code=True)
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise OSError(f"the weights in {path} cannot be read ({err}): truncated or corrupt safetensors") from err
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()
 
@@ -395,6 +474,10 @@ def cmd_generate(argv: list[str]) -> int:
     (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.num_steps is not None and args.num_steps < 1:
+        raise ValueError(f"--num_steps must be >= 1, got {args.num_steps}")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
     model = _load_model(args.model_dir, args.device)
     tokenizer = _load_checkpoint_tokenizer(args.model_dir, model)
     kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "temperature", "top_p", "top_k")
@@ -446,6 +529,8 @@ def cmd_push(argv: list[str]) -> int:
 
     parser = _hf_parser(PushArguments)
     parser.prog = "dlm push"
+    for name in ("httpx", "httpx2"):  # one INFO line per HTTP request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir", "repo_id")))
     if args.card_template is not None and not Path(args.card_template).is_file():
         raise OSError(f"--card_template file not found: {args.card_template}")
@@ -477,7 +562,7 @@ def cmd_distill(argv: list[str]) -> int:
 
     parser = _hf_parser(DistillArguments, DataArguments, DiffusionTrainingArguments)
     parser.prog = "dlm distill"
-    distill_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    distill_args, data_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
     student = _load_model(distill_args.teacher, "cpu")
     if student.config.model_type != "duo":
         raise ValueError(f"--teacher must be a Duo checkpoint, got model_type {student.config.model_type!r}")
@@ -491,6 +576,7 @@ def cmd_distill(argv: list[str]) -> int:
                                      processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
+    _record_run(trainer, training_args, data_args, variant="duo", teacher=distill_args.teacher)
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if trainer.is_world_process_zero():
         print(json.dumps({k: v for k, v in metrics.items() if isinstance(v, (int, float))}))
@@ -588,7 +674,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"dlm: error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"dlm: error: unknown command {command!r}; choose from {', '.join(COMMANDS)} (see `dlm --help`)",
+              file=sys.stderr)
         return 2
     try:
         return COMMANDS[command][0](rest)
