@@ -26,6 +26,17 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _is_number(value) -> bool:
+    """A real number (int or float, not bool); a string such as "0.1" is not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(config, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        _check(_is_number(value), f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
+
+
 class DiffusionLMConfig(PreTrainedConfig):
     r"""Fields of the DiT backbone shared by every dlm variant.
 
@@ -84,6 +95,8 @@ class DiffusionLMConfig(PreTrainedConfig):
             _check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                    f"`{name}` must be a positive integer, got {value!r}")
         _check(self.vocab_size >= 2, f"`vocab_size` must be at least 2, got {self.vocab_size}")
+        _check_numbers(self, ("hidden_dropout_prob", "attention_dropout", "rope_theta", "layer_norm_eps",
+                              "initializer_range", "schedule_eps"))
         _check(self.hidden_size % self.num_attention_heads == 0,
                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
                f"({self.num_attention_heads})")
@@ -141,6 +154,7 @@ class SDDLMConfig(DiffusionLMConfig):
     elbo_denoiser: str = "raw"
 
     def __post_init__(self, **kwargs):
+        _check_numbers(self, ("regularizer_weight", "regularizer_eps"))
         _check(self.loss_mask in ("changed", "resampled"),
                f"`loss_mask` must be 'changed' or 'resampled', got {self.loss_mask!r}")
         _check(self.regularizer in ("mean", "sampled", "none"),
@@ -169,6 +183,7 @@ class DuoConfig(DiffusionLMConfig):
     gamma_max: float = -1.85
 
     def __post_init__(self, **kwargs):
+        _check_numbers(self, ("gamma_min", "gamma_max"))
         _check(self.gamma_min < self.gamma_max,
                f"`gamma_min` ({self.gamma_min!r}) must be smaller than `gamma_max` ({self.gamma_max!r})")
         _check(self.time_conditioning, "uniform-state models must condition on time: `time_conditioning=False` "
@@ -187,7 +202,7 @@ class MDLMConfig(DiffusionLMConfig):
     time_conditioning: bool = False
 
     def __post_init__(self, **kwargs):
-        if self.mask_token_id is None:
+        if self.mask_token_id is None and _is_number(self.vocab_size):  # a bad vocab_size fails in validation
             self.mask_token_id = self.vocab_size - 1
         super().__post_init__(**kwargs)
 
@@ -220,6 +235,7 @@ class RePlaidConfig(DiffusionLMConfig):
                f"`embedding_dim` must be a positive integer, got {self.embedding_dim!r}")
         _check(isinstance(self.schedule_hidden_size, int) and self.schedule_hidden_size > 0,
                f"`schedule_hidden_size` must be a positive integer, got {self.schedule_hidden_size!r}")
+        _check_numbers(self, ("gamma_0", "gamma_1"))
         _check(self.gamma_0 < self.gamma_1,
                f"`gamma_0` ({self.gamma_0!r}) must be smaller than `gamma_1` ({self.gamma_1!r})")
         _check(self.time_input in ("gamma", "t"), f"`time_input` must be 'gamma' or 't', got {self.time_input!r}")

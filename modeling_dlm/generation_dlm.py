@@ -72,14 +72,20 @@ class DiffusionGenerationConfig(GenerationConfig):
             bad("num_steps", "an integer >= 1")
         if self.sampler not in self.SAMPLERS:
             bad("sampler", f"one of {self.SAMPLERS}")
-        if self.temperature is not None and not self.temperature > 0:
-            bad("temperature", "> 0")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            bad("top_p", "in (0, 1]")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+        if self.temperature is not None and not (_is_number(self.temperature) and self.temperature > 0):
+            bad("temperature", "a number > 0")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            bad("top_p", "a number in (0, 1]")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool)
+                                       or self.top_k < 0):
             bad("top_k", "a non-negative integer (0 disables it)")
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0):
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int)
+                                                or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0):
             bad("max_new_tokens", "a non-negative integer")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class UniformGenerationConfig(DiffusionGenerationConfig):
@@ -110,8 +116,8 @@ class RePlaidGenerationConfig(DiffusionGenerationConfig):
 
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
         super().validate(strict, user_set_attributes)
-        if not self.score_temperature > 0:
-            raise ValueError(f"`score_temperature` must be > 0, got {self.score_temperature!r}")
+        if not (_is_number(self.score_temperature) and self.score_temperature > 0):
+            raise ValueError(f"`score_temperature` must be a number > 0, got {self.score_temperature!r}")
 
 
 @dataclass
@@ -283,6 +289,9 @@ class DiffusionLMGenerationMixin:
         infill_mask = kwargs.pop("infill_mask", None)
         for key in _IGNORED_GENERATE_KWARGS:
             kwargs.pop(key, None)
+        if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"`generation_config` must be a GenerationConfig, got {type(generation_config).__name__}; "
+                            f"pass generation settings as keyword arguments")
         gen = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         if not hasattr(gen, "num_steps"):  # a plain GenerationConfig: lift it into this model's class
             gen = self.generation_config_class.from_dict(gen.to_dict())
@@ -303,8 +312,9 @@ class DiffusionLMGenerationMixin:
                 raise ValueError(f"streamers support batch size 1 only, got batch size {B}")
             streamer.put(canvas[:, :prompt_len].cpu())
 
-        was_training = self.training
+        was_training, ids_checked = self.training, getattr(self, "_token_ids_checked", False)
         self.eval()
+        self._token_ids_checked = True  # the loop feeds the network only ids it sampled: no per-step range check
         try:
             state = self._sampling_init(canvas, given, mask, gen, generator)
             ts = torch.linspace(1.0, 0.0, gen.num_steps + 1, dtype=torch.float64, device=canvas.device)
@@ -320,6 +330,7 @@ class DiffusionLMGenerationMixin:
                     streamer.put_draft(draft.cpu())
         finally:
             self.train(was_training)
+            self._token_ids_checked = ids_checked
 
         if streamer is not None:
             streamer.put(draft[:, prompt_len:].cpu())
@@ -333,10 +344,20 @@ class DiffusionLMGenerationMixin:
         return draft
 
 
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling()) or torch.jit.is_tracing()
+
+
 def check_token_ids(ids: torch.Tensor, vocab_size: int, name: str) -> None:
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+    """ValueError if `ids` holds an id outside [0, vocab_size). One device sync; skipped (as a data-dependent check)
+    while torch.compile or torch.jit traces."""
+    if not ids.numel() or _is_compiling():
+        return
+    low, high = torch.stack(torch.aminmax(ids)).tolist()
+    if low < 0 or high >= vocab_size:
         raise ValueError(
-            f"`{name}` holds token ids outside [0, {vocab_size}): min {int(ids.min())}, max {int(ids.max())}; "
+            f"`{name}` holds token ids outside [0, {vocab_size}): min {low}, max {high}; "
             f"does the tokenizer match the checkpoint?"
         )
 

@@ -27,6 +27,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from modeling_dlm.generation_dlm import check_token_ids
 from modeling_dlm.noise_schedules import antithetic_times
 
 from .arguments import DiffusionTrainingArguments
@@ -94,6 +95,18 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
+def _check_dataset(dataset, name: str) -> None:
+    """A dataset the Trainer cannot use fails here, naming it: no `input_ids` column (raw text) or no rows."""
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, list) and "input_ids" not in columns:
+        raise ValueError(f"{name} has no `input_ids` column (columns: {columns}); tokenize it first, e.g. with "
+                         f"trainers.data.build_datasets")
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{name} is empty (0 rows)")
+
+
 def _mix(*numbers: int) -> int:
     """A deterministic 63-bit seed from integers (splitmix-style), for per-(seed, step, rank) generators."""
     x = 0x9E3779B97F4A7C15
@@ -116,6 +129,11 @@ class DiffusionTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not hasattr(unwrapped, "noise_scheduler"):
             raise TypeError(f"{type(self).__name__} needs a dlm diffusion model, got {type(unwrapped).__name__}")
+        _check_dataset(self.train_dataset, "train_dataset")
+        eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
+        for name, dataset in eval_sets.items():
+            _check_dataset(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
+        self._train_ids_checked = False
         # the trainer writes the EMA itself, inside the checkpoint's completion marker
         self.ema = EMACallback(self.args.ema_decay, save_on_checkpoint=False) if self.args.ema_decay > 0 else None
         if self.ema is not None:
@@ -163,9 +181,20 @@ class DiffusionTrainer(Trainer):
             attention_mask = None
         return input_ids, attention_mask
 
+    def _check_token_ids(self, input_ids, unwrapped) -> None:
+        """Ids outside the model's vocabulary (a tokenizer that does not match the model) fail with a ValueError. One
+        device sync, so only on the first training batch (each step's forward checks the discrete variants' ids
+        anyway) and on every evaluation batch."""
+        vocab_size = getattr(getattr(unwrapped, "config", None), "vocab_size", None)
+        if vocab_size is not None:
+            check_token_ids(input_ids, vocab_size, "input_ids")
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, attention_mask = self._batch(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
+        if not self._train_ids_checked:
+            self._check_token_ids(input_ids, unwrapped)
+            self._train_ids_checked = True
         shared, local, micro = self._generators(input_ids.device)
         t = self.sample_times(input_ids.shape[0], input_ids.device, shared, micro)
         loss, components = self.diffusion_loss(model, unwrapped, input_ids, attention_mask, t, local)
@@ -200,6 +229,7 @@ class DiffusionTrainer(Trainer):
         samples a distributed sampler repeats to even out the last batch."""
         input_ids, attention_mask = self._batch(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
+        self._check_token_ids(input_ids, unwrapped)
         self._eval_batches += 1
         generator = torch.Generator(device=input_ids.device).manual_seed(
             _mix(self.args.seed, self._eval_batches, self.args.process_index, 3)

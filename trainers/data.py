@@ -446,7 +446,10 @@ def load_text_dataset(
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
             # A folder written by ``Dataset(Dict).save_to_disk``.
             logger.info("Loading a saved dataset from %s", path)
-            raw = datasets.load_from_disk(str(path))
+            try:
+                raw = datasets.load_from_disk(str(path))
+            except IndexError as err:  # ``datasets`` fails with a bare IndexError on a saved dataset of no rows
+                raise ValueError(f"The saved dataset at {str(path)!r} is empty or has no data files ({err})") from None
             if streaming:
                 raw = _to_iterable(raw)
         elif path.exists():
