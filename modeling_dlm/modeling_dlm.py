@@ -63,6 +63,19 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _auto_class = "AutoModel"  # makes save_pretrained copy this folder's code next to the weights
+    _token_ids_checked = False  # set by generate/nelbo around their internal forward calls (ids already checked)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`; a truncated or corrupt safetensors file raises an `OSError` naming the
+        checkpoint (instead of safetensors' own exception type)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"the weights of {str(pretrained_model_name_or_path)!r} cannot be read: {err}; the "
+                          f".safetensors file is truncated or corrupt (download or save it again)") from err
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with an `auto_map` for AutoConfig, AutoModel and AutoModelForMaskedLM,
@@ -129,10 +142,16 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
         if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
             raise TypeError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}")
-        check_token_ids(input_ids, self.config.vocab_size, "input_ids")
+        if 0 in input_ids.shape:
+            raise ValueError(f"`input_ids` must hold at least one sequence of at least one token, got shape "
+                             f"{tuple(input_ids.shape)}")
+        if not self._token_ids_checked:
+            check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"`attention_mask` must be a tensor, got {type(attention_mask).__name__}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"`attention_mask` must have shape {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
@@ -154,15 +173,24 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         """Per-sequence NELBO in nats per token, shape (B,); see the module docstring."""
         if not isinstance(num_time_samples, int) or isinstance(num_time_samples, bool) or num_time_samples < 1:
             raise ValueError(f"`num_time_samples` must be a positive integer, got {num_time_samples!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            attention_mask = torch.as_tensor(attention_mask)
         self._check_batch(input_ids, attention_mask)
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         total = None
-        for _ in range(num_time_samples):
-            t = antithetic_times(input_ids.shape[0], generator=generator, device=self.device)
-            per_token = self.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
-            total = per_token if total is None else total + per_token
+        ids_checked = self._token_ids_checked
+        self._token_ids_checked = True  # the network only sees noised versions of the checked ids below
+        try:
+            for _ in range(num_time_samples):
+                t = antithetic_times(input_ids.shape[0], generator=generator, device=self.device)
+                per_token = self.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
+                total = per_token if total is None else total + per_token
+        finally:
+            self._token_ids_checked = ids_checked
         return self._reduce_per_sequence(total / num_time_samples, attention_mask)
 
 
@@ -421,12 +449,12 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         logits, hidden_states = self.backbone(h, time_input, attention_mask, bool(output_hidden_states))
         if self.config.output_prior and output_prior_scale:
             with torch.autocast(z.device.type, enabled=False):  # float32 under bf16 autocast: alpha/sigma^2 ~ 20
-                coefficient = (alpha / sigma**2).float()[:, None, None]  # (B, 1, 1)
-                prior = coefficient * (z @ E.T)  # (B, L, V)
+                scaled = z * (output_prior_scale * alpha / sigma**2).float()[:, None, None]  # (B, L, d_e)
+                prior = scaled @ E.T  # (B, L, V)
                 if output_prior_stop_gradient is not None and bool(output_prior_stop_gradient.any()):
-                    stopped = coefficient * (z @ E.detach().T)
+                    stopped = scaled @ E.detach().T
                     prior = torch.where(output_prior_stop_gradient.to(prior.device)[:, None, None], stopped, prior)
-            logits = logits.float() + output_prior_scale * prior
+            logits = logits.float() + prior
         if return_dict is False:
             return (logits,) if hidden_states is None else (logits, hidden_states)
         return DiffusionLMOutput(logits=logits, hidden_states=hidden_states)

@@ -95,19 +95,25 @@ class LearnedGammaSchedule(nn.Module):
         return value, deriv
 
     def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learnable gamma_0 = gamma(0) and gamma_1 = gamma(1), float64 scalars."""
         return self.gamma_0.double(), self.gamma_1.double()
 
-    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns gamma(t) and dgamma/dt, both float64 with the shape of t."""
+    def shape(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised shape gamma_hat(t) in [0, 1] (gamma_hat(0) = 0, gamma_hat(1) = 1) and d gamma_hat / dt, both
+        float64 with the shape of t. They depend on the shape network only (not on gamma_0, gamma_1), which lets a
+        trainer treat the shape's gradient apart from the endpoints' (Plaid's variance-minimising schedule)."""
         shape = t.shape
-        t_flat = t.reshape(-1).double()
-        ends, _ = self._tilde(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))
-        value, deriv = self._tilde(t_flat)
+        ends, _ = self._tilde(torch.tensor([0.0, 1.0], dtype=torch.float64, device=t.device))  # (2,)
+        value, deriv = self._tilde(t.reshape(-1).double())  # (N,) each
         span = ends[1] - ends[0]
+        return ((value - ends[0]) / span).reshape(shape), (deriv / span).reshape(shape)
+
+    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns gamma(t) = gamma_0 + (gamma_1 - gamma_0) gamma_hat(t) and dgamma/dt, both float64 with the shape
+        of t."""
+        gamma_hat, dgamma_hat = self.shape(t)
         g0, g1 = self.endpoints()
-        gamma = g0 + (g1 - g0) * (value - ends[0]) / span
-        dgamma = (g1 - g0) * deriv / span
-        return gamma.reshape(shape), dgamma.reshape(shape)
+        return g0 + (g1 - g0) * gamma_hat, (g1 - g0) * dgamma_hat
 
 
 def gaussian_alpha_sigma(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,6 +116,15 @@ class DiffusionTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("sampling_eps", "ema_decay", "curriculum_tau", "distill_gamma_min", "distill_gamma_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
+        for name in ("eval_num_time_samples", "curriculum_steps", "curriculum_top_k", "distill_round_steps",
+                     "distill_num_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
         if not 0.0 <= self.sampling_eps < 1.0:
             raise ValueError(f"`sampling_eps` must be in [0, 1), got {self.sampling_eps!r}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -1,52 +1,433 @@
-"""RePlaid objective (arXiv 2605.18530; Plaid), methods.md §C.3: NELBO = prior KL + reconstruction + diffusion.
+"""RePlaid objective (arXiv 2605.18530; Plaid, NeurIPS 2023), methods.md §C.3: NELBO = prior + reconstruction +
+diffusion.
 
-This slice trains every batch entry on all three terms (two network calls: z_0 at t = 0 for the reconstruction,
-z_t at the stratified t for the diffusion term), with self-conditioning on a random 25% of entries (a no-grad first
-pass whose e_hat is fed back). The adaptive reconstruction/diffusion batch split, the variance-minimising schedule
-gradient and the separate learning rates are tracked in the RePlaid issue.
+Per token, in nats, with gamma(t) = gamma_0 + (gamma_1 - gamma_0) gamma_hat(t) the learned log noise-to-signal ratio:
+    L_prior = KL(N(alpha_1 e, sigma_1^2 I) || N(0, I))       every entry
+    L_recon = -log x_theta(z_0, gamma_0)[x]                  reconstruction entries (t = 0)
+    L_diff  = 1/2 exp(-gamma_t) gamma'(t) ||e - e_hat||^2     diffusion entries (t in [sampling_eps, 1])
+
+`RePlaidTrainer` implements Plaid's training recipe (`DiffusionTrainingArguments` fields in brackets):
+- Adaptive batch split [`replaid_batch_split="adaptive"`]: of the G entries of the global batch (processes x
+  accumulation steps x per-device batch), n_rec = G std_rec / (std_rec + std_diff), rounded and clamped to
+  [1, G - 1], train only the reconstruction term; the other G - n_rec train only the diffusion term, at low-discrepancy
+  times t_j = (j + u) / (G - n_rec) (one shared u per step, mapped onto [sampling_eps, 1] as in `antithetic_times`).
+  std_rec and std_diff come from bias-corrected EMAs (decay 0.997 [`replaid_split_ema_decay`]) of the first and
+  second moments of the per-entry losses, updated once per optimizer step with the global batch's values (identical on
+  every process) and saved with checkpoints (`replaid_split.json`), so a resumed run replays the same split. Which
+  entries reconstruct is a uniformly random subset, and each part is weighted by its inverse inclusion probability
+  (G / n_rec, G / (G - n_rec)): each part is averaged over its own count, and the loss is an unbiased estimate of the
+  all-terms NELBO of the batch. One network call per entry instead of two. With a global batch of one entry the split
+  is impossible, and that step falls back to all terms (with a warning).
+  [`replaid_batch_split="all_terms"`]: every entry trains all three terms (two network calls per entry).
+- Variance-minimising schedule [`schedule_variance_gradient`]: the gradient reaching gamma_hat(t) and gamma_hat'(t)
+  of each diffusion entry is multiplied by 2 L_diff (that entry's per-token mean), so the shape network descends
+  E[L_diff^2] (the NELBO is invariant to the interior schedule in continuous time, so this minimises its variance).
+  gamma_0 and gamma_1 enter through gamma = gamma_0 + (gamma_1 - gamma_0) gamma_hat, outside the hook, and like every
+  other parameter they descend the NELBO itself. [`freeze_schedule`] keeps the whole schedule fixed.
+- Self-conditioning (when `config.self_conditioning`): every 4th entry of the global batch, from a random offset,
+  gets a first no-grad pass whose e_hat = softmax(logits) E is fed back. On those entries gamma, gamma', the embeddings
+  (in z, in the target and in e_hat), the prior term and the output prior's E are detached: they train the network
+  only.
+- Output-prior warm-up [`output_prior_warmup_steps`, 5000]: the logit term (alpha / sigma^2) <z_t, E_v> is scaled by
+  min(1, step / warmup).
+- Separate learning rates and weight decays for the schedule's shape network, gamma_0/gamma_1 and the embeddings
+  [`schedule_*`, `gamma_bounds_*`, `embedding_*`] through param groups in `create_optimizer`.
+Evaluation (`evaluate`, `model.nelbo`) always computes all three terms on every entry with self-conditioning and the
+full output prior. Schedule and loss math run in float64.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+
 import torch
+from transformers import TrainerCallback
 
-from .base import DiffusionTrainer, masked_mean
+from modeling_dlm.noise_schedules import antithetic_times
+
+from .base import DiffusionTrainer
 
 
-def replaid_loss(prior, reconstruction, diffusion, attention_mask=None):
-    """Sum of the three (B, L) NELBO terms, token-averaged; returns (loss, stats)."""
-    terms = {"prior": prior, "reconstruction": reconstruction, "diffusion": diffusion}
-    means = {k: masked_mean(v.double(), attention_mask) for k, v in terms.items()}
-    loss = (means["prior"] + means["reconstruction"] + means["diffusion"]).float()
-    return loss, {k: v.detach().float() for k, v in means.items()}
+logger = logging.getLogger(__name__)
+SPLIT_STATE_NAME = "replaid_split.json"
+SELF_CONDITIONING_PERIOD = 4  # every 4th entry: 25% of the batch (Plaid)
+
+
+@dataclass
+class RePlaidBatchPlan:
+    """What each of this micro-batch's B entries trains.
+
+    t: (B,) diffusion time per entry (0 for reconstruction-only entries).
+    reconstruction: (B,) bool, the reconstruction-only entries; None = every entry trains all three terms.
+    self_conditioning: (B,) bool, the entries with a self-conditioning pass (network-only gradients).
+    reconstruction_weight, diffusion_weight: inverse inclusion probabilities, G / n_rec and G / (G - n_rec).
+    num_reconstruction: n_rec over the global batch (logged).
+    """
+
+    t: torch.Tensor
+    reconstruction: torch.Tensor | None
+    self_conditioning: torch.Tensor
+    reconstruction_weight: float = 1.0
+    diffusion_weight: float = 1.0
+    num_reconstruction: int = 0
+
+
+def plan_batch(
+    batch_size: int,
+    *,
+    num_reconstruction: int | None,
+    generator: torch.Generator,
+    device=None,
+    offset: int = 0,
+    total: int | None = None,
+    eps: float = 1e-3,
+    antithetic: bool = True,
+    self_conditioning: bool = True,
+) -> RePlaidBatchPlan:
+    """The split of entries [offset, offset + batch_size) of a global batch of `total` entries (default batch_size).
+
+    `generator` must be in the same state for every slice of the global batch (it draws the self-conditioning offset,
+    the reconstruction subset and the shared time offset u). `num_reconstruction=None` gives the all-terms plan, with
+    `antithetic_times` over the global batch."""
+    total = batch_size if total is None else total
+    if not 0 <= offset <= total - batch_size:
+        raise ValueError(f"entries [{offset}, {offset + batch_size}) do not fit a global batch of {total}")
+    index = torch.arange(offset, offset + batch_size, device=device)  # (B,) global entry indices
+    if num_reconstruction is None:
+        t = antithetic_times(batch_size, eps=eps, generator=generator, device=device, offset=offset, total=total,
+                             antithetic=antithetic)
+        reconstruction = None
+    else:
+        if not 1 <= num_reconstruction <= total - 1:
+            raise ValueError(f"num_reconstruction must be in [1, {total - 1}], got {num_reconstruction}")
+        num_diffusion = total - num_reconstruction
+        order = torch.randperm(total, generator=generator, device=device)  # (G,)
+        is_reconstruction = torch.zeros(total, dtype=torch.bool, device=device)
+        is_reconstruction[order[:num_reconstruction]] = True
+        t_global = torch.zeros(total, device=device)
+        t_global[~is_reconstruction] = antithetic_times(num_diffusion, eps=eps, generator=generator, device=device,
+                                                        antithetic=antithetic)
+        t, reconstruction = t_global[index], is_reconstruction[index]
+    if self_conditioning:
+        start = int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=generator, device=device))
+        chosen = (index - start) % SELF_CONDITIONING_PERIOD == 0
+    else:
+        chosen = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    plan = RePlaidBatchPlan(t=t, reconstruction=reconstruction, self_conditioning=chosen)
+    if num_reconstruction is not None:
+        plan.reconstruction_weight = total / num_reconstruction
+        plan.diffusion_weight = total / (total - num_reconstruction)
+        plan.num_reconstruction = num_reconstruction
+    return plan
+
+
+def _rows(plan: RePlaidBatchPlan, batch_size: int):
+    """(entry index, is-reconstruction, t, weight) per network row: one row per entry with a split, two without."""
+    device = plan.t.device
+    entries = torch.arange(batch_size, device=device)
+    if plan.reconstruction is None:
+        rows = torch.cat([entries, entries])  # (2B,): reconstruction rows, then diffusion rows
+        reconstruction = torch.cat([torch.ones_like(entries, dtype=torch.bool),
+                                    torch.zeros_like(entries, dtype=torch.bool)])
+        t = torch.cat([torch.zeros_like(plan.t), plan.t])
+        weight = torch.ones(2 * batch_size, dtype=torch.float64, device=device)
+    else:
+        rows, reconstruction, t = entries, plan.reconstruction, plan.t
+        weights = torch.tensor([plan.diffusion_weight, plan.reconstruction_weight], dtype=torch.float64,
+                               device=device)
+        weight = weights[reconstruction.long()]  # (B,)
+    return rows, reconstruction, t, weight
+
+
+def replaid_training_loss(
+    model,
+    unwrapped,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    plan: RePlaidBatchPlan,
+    *,
+    generator: torch.Generator | None = None,
+    output_prior_scale: float = 1.0,
+    schedule_variance_gradient: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The RePlaid training loss of one micro-batch under `plan` (see the module docstring).
+
+    `model` is what the network is called through (possibly DDP-wrapped), `unwrapped` the RePlaid model itself.
+    Returns (loss: float32 scalar, the token mean of sum_i n_i P_i + sum_rows w_r n_r (R_r or D_r) over the batch's
+    tokens; stats: the three parts of that sum (float, detached); rows: per network row, 'reconstruction' and
+    'diffusion' per-token means (R,) float64 with their graph, and 'is_reconstruction' (R,))."""
+    B = input_ids.shape[0]
+    device = input_ids.device
+    scheduler, schedule = unwrapped.noise_scheduler, unwrapped.noise_schedule
+    rows, is_recon, t, weight = _rows(plan, B)
+    live_entry = ~plan.self_conditioning.to(device)  # (B,) entries whose gradients reach E and the schedule
+    live = live_entry[rows]  # (R,)
+    mask = None if attention_mask is None else attention_mask.to(torch.float64)  # (B, L)
+    row_mask = torch.ones(len(rows), input_ids.shape[1], dtype=torch.float64, device=device) if mask is None \
+        else mask[rows]  # (R, L)
+    row_attention = None if attention_mask is None else attention_mask[rows]
+
+    # schedule, float64: gamma = gamma_0 + (gamma_1 - gamma_0) gamma_hat(t); gamma_hat = 0 exactly on t = 0 rows
+    g0, g1 = schedule.endpoints()
+    gamma_hat, dgamma_hat = schedule.shape(t)  # (R,) each
+    gamma_hat = torch.where(is_recon, torch.zeros_like(gamma_hat), gamma_hat)
+    dgamma_hat = torch.where(is_recon, torch.zeros_like(dgamma_hat), dgamma_hat)
+    gamma = g0 + (g1 - g0) * gamma_hat  # (R,)
+    dgamma = (g1 - g0) * dgamma_hat
+    gamma = torch.where(live, gamma, gamma.detach())
+    dgamma = torch.where(live, dgamma, dgamma.detach())
+
+    E = unwrapped.normalized_embeddings()  # (V, d_e)
+    embeds = E[input_ids]  # (B, L, d_e)
+    embeds = torch.where(live_entry[:, None, None], embeds, embeds.detach())
+    row_embeds = embeds[rows]  # (R, L, d_e)
+    noise = torch.randn(row_embeds.shape, generator=generator, device=device)
+    z = scheduler.add_noise(row_embeds, gamma, noise=noise)  # (R, L, d_e) float32
+
+    self_cond = None
+    if not bool(live.all()):
+        chosen = (~live).nonzero().squeeze(-1)
+        with torch.no_grad():
+            first = model(noisy_embeds=z[chosen], t=t[chosen].float(), gamma=gamma[chosen].detach(),
+                          attention_mask=None if row_attention is None else row_attention[chosen],
+                          output_prior_scale=output_prior_scale).logits
+            self_cond = torch.zeros_like(z)
+            with torch.autocast(device.type, enabled=False):  # e_hat in float32 even under bf16 autocast
+                self_cond[chosen] = first.float().softmax(-1) @ E.detach()
+    logits = model(noisy_embeds=z, t=t.float(), gamma=gamma, self_cond=self_cond, attention_mask=row_attention,
+                   output_prior_scale=output_prior_scale, output_prior_stop_gradient=~live).logits  # (R, L, V)
+    log_probs = logits.float().log_softmax(-1)
+    recon = -log_probs.gather(-1, input_ids[rows][..., None]).squeeze(-1).double()  # (R, L)
+    probs = log_probs.exp()
+    with torch.autocast(device.type, enabled=False):  # float32: bf16 e_hat would bias ||e - e_hat||^2 near t = 0
+        embeds_hat = probs @ E  # (R, L, d_e)
+        if self_cond is not None:
+            embeds_hat = torch.where(live[:, None, None], embeds_hat, probs @ E.detach())
+    diffusion = scheduler.diffusion_loss(row_embeds, embeds_hat, gamma, dgamma)  # (R, L); 0 on t = 0 rows
+    gamma_1 = torch.where(live_entry, g1.expand(B), g1.detach().expand(B))  # (B,)
+    prior = scheduler.prior_kl(embeds, gamma_1[:, None])  # (B, L)
+
+    row_tokens = row_mask.sum(-1).clamp(min=1)  # (R,)
+    recon_mean = (recon * row_mask).sum(-1) / row_tokens  # (R,) per-token means
+    diffusion_mean = (diffusion * row_mask).sum(-1) / row_tokens
+    if schedule_variance_gradient and gamma_hat.requires_grad:
+        # the shape network descends E[L_diff^2]: its gradient through this row's gamma_hat, gamma_hat' times 2 L_diff
+        scale = 2 * diffusion_mean.detach()
+        gamma_hat.register_hook(lambda grad: grad * scale)
+        dgamma_hat.register_hook(lambda grad: grad * scale)
+
+    tokens = prior.new_tensor(float(input_ids.numel())) if mask is None else mask.sum().clamp(min=1)
+    prior_part = (prior if mask is None else prior * mask).sum() / tokens
+    recon_part = (weight * is_recon * (recon * row_mask).sum(-1)).sum() / tokens
+    diffusion_part = (weight * ~is_recon * (diffusion * row_mask).sum(-1)).sum() / tokens
+    loss = (prior_part + recon_part + diffusion_part).float()
+    stats = {"prior": prior_part.detach().float(), "reconstruction": recon_part.detach().float(),
+             "diffusion": diffusion_part.detach().float()}
+    return loss, stats, {"reconstruction": recon_mean, "diffusion": diffusion_mean, "is_reconstruction": is_recon}
+
+
+class ReconstructionShareCallback(TrainerCallback):
+    """Bias-corrected EMAs of the first and second moments of the per-entry reconstruction and diffusion losses, which
+    set the adaptive split (Plaid). Values are summed over the step's micro-batches (and, through `reduce`, over
+    processes) and folded in once per optimizer step; `RePlaidTrainer` saves the state as `replaid_split.json` in every
+    checkpoint (before the checkpoint's completion marker) and restores it on resume."""
+
+    def __init__(self, decay: float = 0.997, reduce=None):
+        self.decay = decay
+        self.reduce = reduce  # sums a float64 tensor over processes (identity on one process)
+        self.updates = 0
+        self.moments = [0.0, 0.0, 0.0, 0.0]  # EMAs of E[R], E[R^2], E[D], E[D^2], not bias-corrected
+        self._pending = [0.0] * 6  # this step's sums: R, R^2, count_R, D, D^2, count_D
+
+    def stds(self) -> tuple[float, float]:
+        if self.updates == 0:
+            return 0.0, 0.0
+        correction = 1.0 - self.decay**self.updates
+        m = [v / correction for v in self.moments]
+        return math.sqrt(max(m[1] - m[0] ** 2, 0.0)), math.sqrt(max(m[3] - m[2] ** 2, 0.0))
+
+    def num_reconstruction(self, total: int) -> int:
+        """round(G std_rec / (std_rec + std_diff)) clamped to [1, G - 1] (1 before any statistics, as in Plaid)."""
+        std_rec, std_diff = self.stds()
+        share = std_rec / (std_rec + std_diff + 1e-8)
+        return int(min(max(round(total * share), 1), total - 1))
+
+    def accumulate(self, reconstruction: torch.Tensor, diffusion: torch.Tensor) -> None:
+        """Per-entry losses (1-D) of the reconstruction and diffusion rows of one micro-batch."""
+        r, d = reconstruction.detach().double(), diffusion.detach().double()
+        values = [r.sum(), (r**2).sum(), float(r.numel()), d.sum(), (d**2).sum(), float(d.numel())]
+        self._pending = [a + float(b) for a, b in zip(self._pending, values)]
+
+    def update(self, device=None) -> None:
+        sums = torch.tensor(self._pending, dtype=torch.float64, device=device)
+        if self.reduce is not None:
+            sums = self.reduce(sums)
+        sums = sums.tolist()
+        self._pending = [0.0] * 6
+        if sums[2] == 0 or sums[5] == 0:
+            return
+        means = [sums[0] / sums[2], sums[1] / sums[2], sums[3] / sums[5], sums[4] / sums[5]]
+        self.moments = [self.decay * m + (1 - self.decay) * v for m, v in zip(self.moments, means)]
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "moments": list(self.moments)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates, self.moments = float(state["decay"]), int(state["updates"]), list(state["moments"])
+        self._pending = [0.0] * 6
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.update(args.device)
 
 
 class RePlaidTrainer(DiffusionTrainer):
-    self_conditioning_fraction = 0.25
+    """Trains `RePlaidForDiffusionLM` by the NELBO with Plaid's variance reductions (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not hasattr(unwrapped, "normalized_embeddings") or not hasattr(unwrapped, "noise_schedule"):
+            raise TypeError(f"RePlaidTrainer trains a RePlaid model, got {type(unwrapped).__name__}")
+        if self.args.freeze_schedule:
+            unwrapped.noise_schedule.requires_grad_(False)
+        self.split = ReconstructionShareCallback(self.args.replaid_split_ema_decay, reduce=self._sum_over_processes)
+        self.add_callback(self.split)
+        self._pending_plan: RePlaidBatchPlan | None = None
+        self._warned_single_entry = False
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum") if self.args.world_size > 1 else tensor
+
+    def output_prior_scale(self) -> float:
+        """min(1, step / output_prior_warmup_steps) in training (1 without warm-up)."""
+        warmup = self.args.output_prior_warmup_steps
+        return 1.0 if warmup == 0 else min(1.0, self.state.global_step / warmup)
+
+    # ---- the batch plan ---------------------------------------------------------------------------------------------
+    def sample_times(self, batch_size: int, device, shared: torch.Generator, micro: int) -> torch.Tensor:
+        """Plans this micro-batch over the global batch (see `plan_batch`) and returns its (B,) times; the plan is
+        kept for the `diffusion_loss` call that follows in `compute_loss`."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        world, accumulation = self.args.world_size, self.args.gradient_accumulation_steps
+        rank_micro = (micro % accumulation) * world + self.args.process_index
+        total = world * accumulation * batch_size
+        self_conditioning = bool(unwrapped.config.self_conditioning)
+        if self.args.replaid_batch_split == "adaptive" and total < 2 and not self._warned_single_entry:
+            logger.warning("RePlaid: a global batch of one entry cannot be split between reconstruction and "
+                           "diffusion; every entry trains all three terms")
+            self._warned_single_entry = True
+        if self.args.replaid_batch_split == "adaptive" and total >= 2:
+            plan = plan_batch(batch_size, num_reconstruction=self.split.num_reconstruction(total), generator=shared,
+                              device=device, offset=rank_micro * batch_size, total=total, eps=self.args.sampling_eps,
+                              antithetic=self.args.antithetic_time, self_conditioning=self_conditioning)
+        else:
+            t = super().sample_times(batch_size, device, shared, micro)
+            plan = plan_batch(batch_size, num_reconstruction=None, generator=shared, device=device,
+                              offset=rank_micro * batch_size, total=total, eps=self.args.sampling_eps,
+                              self_conditioning=self_conditioning)
+            plan.t = t
+        self._pending_plan = plan
+        return plan.t
 
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
-        B = input_ids.shape[0]
-        device = input_ids.device
-        sched = unwrapped.noise_scheduler
-        E = unwrapped.normalized_embeddings()
-        embeds = E[input_ids]  # (B, L, d_e)
-        zeros, ones = torch.zeros(B, device=device), torch.ones(B, device=device)
-        gamma_0, _ = unwrapped.noise_schedule(zeros)
-        gamma_1, _ = unwrapped.noise_schedule(ones)
-        prior = sched.prior_kl(embeds, gamma_1[:, None])
-        z_0 = sched.add_noise(embeds, gamma_0, generator=generator)
-        logits_0 = model(noisy_embeds=z_0, t=zeros, attention_mask=attention_mask).logits
-        recon = -logits_0.float().log_softmax(-1).gather(-1, input_ids[..., None]).squeeze(-1)
-        gamma_t, dgamma_t = unwrapped.noise_schedule(t)
-        z_t = sched.add_noise(embeds, gamma_t, generator=generator)
-        self_cond = None
-        if unwrapped.config.self_conditioning:
-            chosen = torch.rand(B, generator=generator, device=device) < self.self_conditioning_fraction
-            if bool(chosen.any()):
-                with torch.no_grad():
-                    first = model(noisy_embeds=z_t, t=t, attention_mask=attention_mask).logits
-                    self_cond = (first.float().softmax(-1) @ E) * chosen[:, None, None]
-        logits_t = model(noisy_embeds=z_t, t=t, self_cond=self_cond, attention_mask=attention_mask).logits
-        embeds_hat = logits_t.float().softmax(-1) @ E
-        diffusion = sched.diffusion_loss(embeds, embeds_hat, gamma_t, dgamma_t)
-        return replaid_loss(prior, recon, diffusion, attention_mask)
+        plan, self._pending_plan = self._pending_plan, None
+        if plan is None or plan.t is not t:  # called directly: all terms on every entry at the given t
+            chosen = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            if unwrapped.config.self_conditioning:
+                start = int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=generator,
+                                          device=input_ids.device))
+                chosen[start::SELF_CONDITIONING_PERIOD] = True
+            plan = RePlaidBatchPlan(t=t, reconstruction=None, self_conditioning=chosen)
+        training = model.training
+        loss, stats, rows = replaid_training_loss(
+            model, unwrapped, input_ids, attention_mask, plan, generator=generator,
+            output_prior_scale=self.output_prior_scale() if training else 1.0,
+            schedule_variance_gradient=self.args.schedule_variance_gradient and training,
+        )
+        if training:
+            recon_rows = rows["is_reconstruction"]
+            self.split.accumulate(rows["reconstruction"][recon_rows], rows["diffusion"][~recon_rows])
+        g0, g1 = unwrapped.noise_schedule.endpoints()
+        stats.update({"gamma_0": g0.detach().float(), "gamma_1": g1.detach().float()})
+        if plan.reconstruction is not None:
+            stats["reconstruction_entries"] = torch.tensor(float(plan.num_reconstruction))
+        return loss, stats
+
+    # ---- optimizer --------------------------------------------------------------------------------------------------
+    def parameter_groups(self, model=None) -> list[dict]:
+        """Param groups: the network (with the Trainer's decay / no-decay split), the schedule's shape network,
+        gamma_0/gamma_1 and the embeddings, each with its learning rate and weight decay (None = inherited)."""
+        model = self.model if model is None else model
+        unwrapped = self.accelerator.unwrap_model(model)
+        args = self.args
+        schedule = unwrapped.noise_schedule
+        bounds = {id(schedule.gamma_0), id(schedule.gamma_1)}
+        shape = {id(p) for p in schedule.parameters()} - bounds
+        embeddings = {id(p) for p in unwrapped.embed_tokens.parameters()}
+
+        def pick(value, fallback):
+            return fallback if value is None else value
+
+        schedule_lr = pick(args.schedule_learning_rate, args.learning_rate)
+        schedule_wd = pick(args.schedule_weight_decay, args.weight_decay)
+        special = {
+            "schedule": (shape, schedule_lr, schedule_wd),
+            "gamma_bounds": (bounds, pick(args.gamma_bounds_learning_rate, schedule_lr),
+                             pick(args.gamma_bounds_weight_decay, schedule_wd)),
+            "embeddings": (embeddings, pick(args.embedding_learning_rate, args.learning_rate),
+                           pick(args.embedding_weight_decay, args.weight_decay)),
+        }
+        decay_names = set(self.get_decay_parameter_names(model))
+        groups = {  # the network first: the Trainer logs the first group's learning rate
+            "network": {"params": [], "lr": args.learning_rate, "weight_decay": args.weight_decay},
+            "network_no_decay": {"params": [], "lr": args.learning_rate, "weight_decay": 0.0},
+        }
+        groups.update({name: {"params": [], "lr": lr, "weight_decay": wd} for name, (_, lr, wd) in special.items()})
+        for name, group in groups.items():
+            group["name"] = name
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = next((k for k, (ids, _, _) in special.items() if id(p) in ids), None)
+            if key is None:
+                key = "network" if name in decay_names else "network_no_decay"
+            groups[key]["params"].append(p)
+        return [g for g in groups.values() if g["params"]]
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict")) or not isinstance(
+            optimizer_cls, type
+        ):
+            raise ValueError(f"RePlaidTrainer builds its own param groups (network, schedule, gamma bounds, "
+                             f"embeddings) and needs a plain torch optimizer (e.g. --optim adamw_torch), got "
+                             f"{self.args.optim!r}")
+        self.optimizer = optimizer_cls(self.parameter_groups(opt_model), **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------------
+    def save_extra_state(self, folder: str) -> None:
+        super().save_extra_state(folder)
+        with open(os.path.join(folder, SPLIT_STATE_NAME), "w") as f:
+            json.dump(self.split.state_dict(), f)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, SPLIT_STATE_NAME)
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.split.load_state_dict(json.load(f))
+        else:
+            logger.warning("no %s in %s; the adaptive RePlaid split restarts its loss statistics", SPLIT_STATE_NAME,
+                           resume_from_checkpoint)
