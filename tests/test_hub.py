@@ -533,6 +533,37 @@ def test_trainer_create_model_card_writes_the_dlm_card(tmp_path, tokenizer):
     assert 'AutoModel.from_pretrained("org/duo-run", trust_remote_code=True)' in card.text
 
 
+def test_trainer_push_to_hub_uploads_only_the_allowlist(hub, tmp_path, tokenizer):
+    """`DiffusionTrainer.push_to_hub` goes through dlm's allowlist: the EMA weights, config, code, tokenizer and card
+    reach the server; `training_args.bin` and checkpoint state (which `Trainer.push_to_hub` would upload) do not."""
+    from datasets import Dataset
+    from safetensors.torch import load as load_safetensors
+
+    from trainers import DiffusionTrainingArguments, DuoTrainer
+
+    model = tiny_model("duo", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).train()
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict({"input_ids": torch.randint(1000, 2000, (8, SEQ), generator=g).tolist()})
+    args = DiffusionTrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4,
+                                      report_to=[], use_cpu=True, save_strategy="steps", save_steps=2,
+                                      logging_steps=1, hub_model_id="org/duo-trainer-push", hub_token="hf_fake",
+                                      ema_decay=0.5, dataloader_num_workers=0)
+    trainer = DuoTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    result = trainer.push_to_hub(endpoint=hub.url)
+    stored = hub.files("org/duo-trainer-push")
+    assert result.commit == hub.get_repo("org/duo-trainer-push").branches["main"]
+    assert {"model.safetensors", "config.json", "modeling_dlm.py", "README.md", "tokenizer_config.json"} <= set(stored)
+    assert (tmp_path / "out" / "training_args.bin").is_file() and (tmp_path / "out" / "checkpoint-2").is_dir()
+    assert not [name for name in stored if name.endswith((".bin", ".pt", ".pth")) or name.startswith("checkpoint")]
+    pushed = load_safetensors(stored["model.safetensors"])
+    with trainer.ema.swapped(model):  # the exported weights are the EMA ones
+        for name, value in model.state_dict().items():
+            if name in pushed:
+                assert torch.equal(pushed[name], value), name
+    assert "duo" in ModelCard(stored["README.md"].decode()).data.tags
+
+
 def test_card_templates_ship_with_the_package():
     text = (REPO / "pyproject.toml").read_text()
     assert 'dlm_model_cards = "model_cards"' in text and 'dlm_model_cards = ["*.md"]' in text

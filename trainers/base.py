@@ -316,6 +316,28 @@ class DiffusionTrainer(Trainer):
             logger.warning("no EMA weights in %s; restarting the average from the current weights",
                            resume_from_checkpoint)
 
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs):
+        """Upload the trained model like `Trainer.push_to_hub`, but through dlm's allowlist
+        (`trainers.hub.push_checkpoint`): safetensors weights (the EMA weights when EMA is on), config with
+        `auto_map`, the remote code, generation config, tokenizer and the dlm model card, in one commit; never
+        `training_args.bin`, optimizer state, checkpoints or anything holding a credential. The repo is
+        `hub_model_id` (else the output folder's name); `hub_token`, `hub_private_repo` and `hub_revision` apply;
+        `endpoint=` overrides `HF_ENDPOINT`. Returns the `PushResult` (None on other processes)."""
+        self.save_model(self.args.output_dir)
+        if not self.is_world_process_zero():
+            return None
+        kwargs.pop("model_name", None)
+        endpoint = kwargs.pop("endpoint", None)
+        self.create_model_card(**kwargs)
+        from .hub import push_checkpoint
+
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        return push_checkpoint(self.args.output_dir, repo_id, commit_message=commit_message or "End of training",
+                               private=self.args.hub_private_repo, token=token or self.args.hub_token,
+                               revision=revision or getattr(self.args, "hub_revision", None), card="auto",
+                               endpoint=endpoint)
+
     def create_model_card(self, *args, **kwargs):
         """Writes `output_dir/README.md` (used by `push_to_hub`): dlm's card with the variant, its method and papers,
         this run's steps and its last measured evaluation (trainers/model_card.py), instead of the generic card."""
