@@ -130,18 +130,28 @@ class UniformStateScheduler:
                            - V alpha log xbar_theta[x]]
         with S = sum_j log xbar_theta[j], the one O(V) reduction. log_x_theta is (B, L, V) log-probabilities.
         """
-        V = self.vocab_size
-        alpha = _as_column(alpha_t, x0, dtype).clamp(min=1e-12)  # (B, 1)
-        dalpha = _as_column(dalpha_t, x0, dtype)
-        one_minus = (1 - alpha).clamp(min=1e-20)  # b; the clamp keeps t = 0 finite
-        a_big = V * alpha + one_minus  # A
+        alpha, dalpha, one_minus = self._elbo_scalars(alpha_t, dalpha_t, x0, dtype)
         log_x = log_x_theta.to(dtype)
         # log xbar_theta[j] = log(V alpha p_j + (1 - alpha)); S sums it over the vocabulary: (B, L)
-        S = torch.log(torch.exp(log_x) * (V * alpha)[..., None] + one_minus[..., None]).sum(-1)
-        log_xbt_z = torch.log(V * alpha * torch.exp(log_x.gather(-1, z_t[..., None]).squeeze(-1)) + one_minus)
-        log_xbt_x = torch.log(V * alpha * torch.exp(log_x.gather(-1, x0[..., None]).squeeze(-1)) + one_minus)
-        is_x = z_t == x0
-        xbar_z = torch.where(is_x, a_big, one_minus)  # (B, L)
+        S = torch.log(torch.exp(log_x) * (self.vocab_size * alpha)[..., None] + one_minus[..., None]).sum(-1)
+        log_p_z = log_x.gather(-1, z_t[..., None]).squeeze(-1)
+        log_p_x = log_x.gather(-1, x0[..., None]).squeeze(-1)
+        return self._nelbo_from_terms(S, log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus)
+
+    @staticmethod
+    def _elbo_scalars(alpha_t, dalpha_t, x0, dtype):
+        """(alpha, alpha', 1 - alpha) as (B, 1) columns in `dtype`; the clamps keep t = 0 and t = 1 finite."""
+        alpha = _as_column(alpha_t, x0, dtype).clamp(min=1e-12)
+        return alpha, _as_column(dalpha_t, x0, dtype), (1 - alpha).clamp(min=1e-20)
+
+    def _nelbo_from_terms(self, S, log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus):
+        """The closed form of `nelbo_per_token` from S = sum_j log xbar_theta[j], log x_theta[z_t] and
+        log x_theta[x0] (each (B, L)); O(B L)."""
+        V = self.vocab_size
+        a_big = V * alpha + one_minus  # A
+        log_xbt_z = torch.log(V * alpha * torch.exp(log_p_z) + one_minus)
+        log_xbt_x = torch.log(V * alpha * torch.exp(log_p_x) + one_minus)
+        xbar_z = torch.where(z_t == x0, a_big, one_minus)  # (B, L)
         term1 = V / xbar_z - V * torch.exp(-log_xbt_z)
         const = a_big * torch.log(a_big) + (V - 1) * torch.special.xlogy(one_minus, one_minus)
         term2 = (const - V * torch.log(xbar_z) + V * log_xbt_z - one_minus * S - V * alpha * log_xbt_x) / xbar_z
@@ -160,21 +170,11 @@ class UniformStateScheduler:
         two gathers run in one autograd node (`_UniformELBOTerms`) that keeps no (B, L, V) tensor besides the
         logits and builds one (forward) or two (backward) (B, L, V) temporaries in `dtype` (the unfused chain keeps
         five). Same value and gradient as `nelbo_per_token(logits.to(dtype).log_softmax(-1), ...)` up to rounding."""
-        V = self.vocab_size
-        alpha = _as_column(alpha_t, x0, dtype).clamp(min=1e-12)  # (B, 1)
-        dalpha = _as_column(dalpha_t, x0, dtype)
-        one_minus = (1 - alpha).clamp(min=1e-20)
-        a_big = V * alpha + one_minus
-        scale = (V * alpha).expand(x0.shape).contiguous()  # (B, L) V alpha; its dtype is the O(V) pass's
+        alpha, dalpha, one_minus = self._elbo_scalars(alpha_t, dalpha_t, x0, dtype)
+        scale = (self.vocab_size * alpha).expand(x0.shape).contiguous()  # (B, L); its dtype is the O(V) pass's
         floor = one_minus.expand(x0.shape).contiguous()
         S, log_p_z, log_p_x = _UniformELBOTerms.apply(logits, z_t, x0, scale, floor)  # (B, L) each, in `dtype`
-        log_xbt_z = torch.log(V * alpha * torch.exp(log_p_z) + one_minus)
-        log_xbt_x = torch.log(V * alpha * torch.exp(log_p_x) + one_minus)
-        xbar_z = torch.where(z_t == x0, a_big, one_minus)
-        term1 = V / xbar_z - V * torch.exp(-log_xbt_z)
-        const = a_big * torch.log(a_big) + (V - 1) * torch.special.xlogy(one_minus, one_minus)
-        term2 = (const - V * torch.log(xbar_z) + V * log_xbt_z - one_minus * S - V * alpha * log_xbt_x) / xbar_z
-        return dalpha / (V * alpha) * (term1 - term2)
+        return self._nelbo_from_terms(S, log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus)
 
     def nelbo_per_token_generic(
         self,
