@@ -6,7 +6,8 @@
 Steps: (1) train a tiny AR judge on the same built-in corpus and tokenizer; (2) distil the teacher with
 `DuoDistillationTrainer` (default: 5 rounds of 100 steps, dt = 1/128 ... 16/128, as the reference's 5 rounds end at a
 dt well below one sampling step); (3) sample `--num_samples` sequences at 1024/256/64/16/8/4 steps from the teacher
-(ancestral, and greedy tail) and the student (greedy tail, its distilled default) and score them with the judge:
+(ancestral, and greedy tail) and the student (both samplers; greedy tail is its distilled default) and score them
+with the judge:
 gen-PPL and unigram entropy, always together. Prints the table, the verdict at 8 steps (same sampler for both), and
 the wall-clock speed-up of the student at 8 steps over the teacher at 1024, and writes
 bench/results/distill_steps.{json,png}.
@@ -85,7 +86,7 @@ def main() -> None:
     # 3. the table
     rows = []
     runs = (("teacher", teacher, "ancestral"), ("teacher", teacher, "greedy_tail"),
-            ("student", student, "greedy_tail"))
+            ("student", student, "ancestral"), ("student", student, "greedy_tail"))
     for name, model, sampler in runs:
         for steps in args.steps:
             start = time.perf_counter()
@@ -104,12 +105,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:<8} {r['sampler']:<12} {r['steps']:>5} {r['gen_ppl']:>9.2f} {r['entropy']:>8.3f} "
               f"{r['seconds']:>8.2f}")
-    if ("teacher", "greedy_tail", 8) in by and ("student", "greedy_tail", 8) in by:
-        t8, s8 = by[("teacher", "greedy_tail", 8)], by[("student", "greedy_tail", 8)]
-        verdict = {"student_gen_ppl_ratio": s8["gen_ppl"] / t8["gen_ppl"],
-                   "entropy_difference": s8["entropy"] - t8["entropy"]}
-        print(f"at 8 steps (greedy tail both): student/teacher gen-PPL = {verdict['student_gen_ppl_ratio']:.3f}, "
-              f"entropy {s8['entropy']:.3f} vs {t8['entropy']:.3f} nats")
+    verdict = {}
+    for sampler in ("ancestral", "greedy_tail"):
+        if ("teacher", sampler, 8) in by and ("student", sampler, 8) in by:
+            t8, s8 = by[("teacher", sampler, 8)], by[("student", sampler, 8)]
+            verdict[sampler] = {"student_gen_ppl_ratio": s8["gen_ppl"] / t8["gen_ppl"],
+                                "entropy_difference": s8["entropy"] - t8["entropy"]}
+            print(f"at 8 steps ({sampler}, both): student/teacher gen-PPL = "
+                  f"{verdict[sampler]['student_gen_ppl_ratio']:.3f}, entropy {s8['entropy']:.3f} vs "
+                  f"{t8['entropy']:.3f} nats")
     if speedup:
         print(f"wall-clock speed-up, student at 8 steps over teacher at 1024 steps: {speedup:.1f}x")
     out = Path(args.out)
