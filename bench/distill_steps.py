@@ -1,16 +1,15 @@
 """Few-step generation: gen-PPL and entropy against sampling steps for a Duo teacher and its DCD student.
 
-    dlm quickstart --max_steps 3000 --output_dir dlm-teacher   # a tiny Duo teacher on the built-in corpus
-    python bench/distill_steps.py --teacher dlm-teacher        # judge + distillation + the table and plot
+    dlm train --variant duo --size tiny --dataset builtin --tokenizer TOK --output_dir teacher ...   # see bench/README
+    python bench/distill_steps.py --teacher teacher --distill_steps 300 --distill_round_steps 60
 
 Steps: (1) train a tiny AR judge on the same built-in corpus and tokenizer; (2) distil the teacher with
-`DuoDistillationTrainer` (default: 5 rounds of 100 steps, dt = 1/128 ... 16/128, as the reference's 5 rounds end at a
-dt well below one sampling step); (3) sample `--num_samples` sequences at 1024/256/64/16/8/4 steps from the teacher
-(ancestral, and greedy tail) and the student (both samplers; greedy tail is its distilled default) and score them
-with the judge:
-gen-PPL and unigram entropy, always together. Prints the table, the verdict at 8 steps (same sampler for both), and
-the wall-clock speed-up of the student at 8 steps over the teacher at 1024, and writes
-bench/results/distill_steps.{json,png}.
+`DuoDistillationTrainer` (rounds of `--distill_round_steps`, dt = 2^round / `--distill_num_steps`, which must stay
+below 1; the reference's 5 rounds end at dt = 16/512); (3) sample `--num_samples` sequences at 1024/256/64/16/8/4
+steps from the teacher and the student, each with the ancestral sampler and the greedy tail (the student's distilled
+default), and score them with the judge: gen-PPL and unigram entropy, always together. Prints the table, the
+student/teacher verdict at 8 steps for each sampler and the wall-clock speed-up of the student at 8 steps over the
+teacher at 1024, and writes bench/results/distill_steps.{json,png}.
 """
 
 from __future__ import annotations
