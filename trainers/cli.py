@@ -1,4 +1,4 @@
-"""The `dlm` command: quickstart, train, distill, eval, generate and push.
+"""The `dlm` command: quickstart, train, distill, eval, generate, push and convert.
 
 Built on `HfArgumentParser`, so every `TrainingArguments` field is a flag of `dlm train` (`--max_steps`,
 `--output_dir`, `--learning_rate`, ...). Errors in user input print one line (`dlm: error: ...`) and exit with
@@ -551,6 +551,102 @@ def cmd_push(argv: list[str]) -> int:
     return 0
 
 
+# ---- convert --------------------------------------------------------------------------------------------------------
+@dataclass
+class ConvertArguments:
+    src: str = field(metadata={"help": "Hub repo id, local snapshot folder, or training checkpoint file (.ckpt/.pt)."})
+    output_dir: str = field(metadata={"help": "Folder for the converted dlm checkpoint."})
+    source_format: str = field(
+        default=None, metadata={"aliases": ["--from"], "help": "What SRC is: 'duo' (Duo, Duo-distilled) or 'mdlm'."}
+    )
+    prefix: str | None = field(default=None, metadata={"help": "Backbone key prefix (detected when omitted)."})
+    no_ema: bool = field(default=False, metadata={"help": "Use a training checkpoint's raw weights, not its EMA."})
+    distilled: bool | None = field(
+        default=None, metadata={"help": "Few-step generation defaults (8 steps, greedy tail); default: when SRC's "
+                                        "name contains 'distill'."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer to save with the model (e.g. a gpt2 folder); special tokens are "
+                                        "added to fill the vocabulary ([PAD], and [MASK] at vocab_size-1 for mdlm)."})
+    num_attention_heads: int | None = field(
+        default=None, metadata={"help": "Heads, for a bare state dict whose config and rotary buffer are absent."})
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "Longest sequence (default: the source's model_length, else 1024)."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision of SRC."})
+
+
+def _converted_tokenizer(name: str, fmt: str, vocab_size: int):
+    """The tokenizer for a converted model, with the special tokens the reference run added (GPT-2: [PAD] 50257 for
+    Duo; [MASK] at vocab_size - 1 for MDLM); ValueError if it cannot fill the model's vocabulary exactly."""
+    from transformers import AutoTokenizer
+
+    from trainers.data import prepare_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    need_mask = fmt == "mdlm" and tokenizer.mask_token is None
+    need_pad = tokenizer.pad_token is None and len(tokenizer) + int(need_mask) < vocab_size
+    prepare_tokenizer(tokenizer, need_pad=need_pad, need_mask=need_mask)
+    if len(tokenizer) != vocab_size:
+        raise ValueError(f"the tokenizer {name!r} has {len(tokenizer)} tokens (special tokens included) but the "
+                         f"converted model's vocab_size is {vocab_size}")
+    if fmt == "mdlm" and tokenizer.mask_token_id != vocab_size - 1:
+        raise ValueError(f"the tokenizer's mask token has id {tokenizer.mask_token_id}, the model's mask id is "
+                         f"{vocab_size - 1}")
+    if tokenizer.pad_token is None:  # no free row for a new token: pad with eos (wrap-mode data never pads)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def cmd_convert(argv: list[str]) -> int:
+    """Convert the authors' released MDLM / Duo / Duo-distilled weights into a dlm checkpoint folder."""
+    import torch
+    from transformers import AutoModel
+
+    from modeling_dlm import DuoForDiffusionLM, MDLMForDiffusionLM
+
+    parser = _hf_parser(ConvertArguments)
+    parser.prog = "dlm convert"
+    (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("src", "output_dir")))
+    classes = {"duo": DuoForDiffusionLM, "mdlm": MDLMForDiffusionLM}
+    if args.source_format not in classes:
+        raise ValueError(f"--from must be one of {tuple(classes)}, got {args.source_format!r}")
+    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} exists and is not empty")
+    model = classes[args.source_format].from_reference(
+        args.src, prefix=args.prefix, use_ema=not args.no_ema, distilled=args.distilled, revision=args.revision,
+        num_attention_heads=args.num_attention_heads, max_position_embeddings=args.max_position_embeddings)
+    tokenizer = None
+    if args.tokenizer is not None:
+        tokenizer = _converted_tokenizer(args.tokenizer, args.source_format, model.config.vocab_size)
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            setattr(model.config, key, getattr(tokenizer, key))
+            setattr(model.generation_config, key, getattr(tokenizer, key))
+    model.save_pretrained(args.output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    # the saved folder must reproduce the converted model's logits exactly
+    reloaded = AutoModel.from_pretrained(args.output_dir, trust_remote_code=True).eval()
+    g = torch.Generator().manual_seed(0)
+    length = min(16, model.config.max_position_embeddings)
+    ids = torch.randint(0, model.config.vocab_size - 1, (2, length), generator=g)
+    sigma = torch.tensor([0.1, 2.0])
+    with torch.no_grad():
+        diff = (model(input_ids=ids, sigma=sigma).logits - reloaded(input_ids=ids, sigma=sigma).logits).abs().max()
+    if float(diff) != 0.0:
+        raise RuntimeError(f"the saved checkpoint in {args.output_dir} does not reproduce the converted logits "
+                           f"(max abs diff {float(diff):.3g})")
+    info = dict(model.config.reference_source)
+    info.update(output_dir=args.output_dir, model_type=model.config.model_type,
+                parameters=sum(p.numel() for p in model.parameters()), vocab_size=model.config.vocab_size,
+                hidden_size=model.config.hidden_size, num_hidden_layers=model.config.num_hidden_layers,
+                num_attention_heads=model.config.num_attention_heads, tokenizer=args.tokenizer,
+                generation={"num_steps": model.generation_config.num_steps,
+                            "sampler": model.generation_config.sampler})
+    logger.info("saved %s (%.1fM parameters) to %s; reload check passed", type(model).__name__,
+                info["parameters"] / 1e6, args.output_dir)
+    print(json.dumps(info))
+    return 0
+
+
 # ---- distill --------------------------------------------------------------------------------------------------------
 @dataclass
 class DistillArguments:
@@ -654,6 +750,7 @@ COMMANDS = {
     "eval": (cmd_eval, "NELBO / perplexity bound of a checkpoint over a dataset split (JSON on the last line)"),
     "generate": (cmd_generate, "sample text from a checkpoint"),
     "push": (cmd_push, "upload a checkpoint folder to the Hub (safetensors, code, tokenizer, configs)"),
+    "convert": (cmd_convert, "import the authors' released Duo / Duo-distilled / MDLM weights (--from duo|mdlm)"),
 }
 
 

@@ -1,0 +1,397 @@
+"""Importing the authors' released checkpoints (issue 8): MDLM, Duo and Duo-distilled into dlm classes.
+
+The checkpoints here are built in the test with random weights in every accepted layout: a Hub-style snapshot
+(`config.json` with the authors' field names + safetensors or bin weights under `backbone.`), and a Lightning-style
+training checkpoint (prefixed state dict, EMA shadow list, pickled Python objects in `hyper_parameters`).
+`reference_dit_forward` below is an independent re-implementation of the reference DiT forward written from the
+layout facts of the issue (s-sahoo/duo `models/dit.py`), not from dlm's code: the converted models must match it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModel
+
+from modeling_dlm import DuoForDiffusionLM, MDLMForDiffusionLM, SDDLMForDiffusionLM
+from modeling_dlm.convert_reference import read_reference_checkpoint
+from tests.conftest import shared_data
+from trainers.cli import main as dlm_main
+
+
+V, D, LAYERS, HEADS, COND, LENGTH = 97, 48, 2, 4, 24, 12
+
+
+# ---- the reference, from the facts ----------------------------------------------------------------------------------
+def reference_state(seed: int = 0, vocab: int = V, hidden: int = D, layers: int = LAYERS, heads: int = HEADS,
+                    cond: int = COND, rotary: bool = True) -> OrderedDict:
+    """Random weights under the reference's parameter names, in its module registration order."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    s = OrderedDict()
+    s["vocab_embed.embedding"] = rnd(vocab, hidden)
+    s["sigma_map.mlp.0.weight"] = rnd(cond, 256, scale=0.2)
+    s["sigma_map.mlp.0.bias"] = rnd(cond, scale=0.2)
+    s["sigma_map.mlp.2.weight"] = rnd(cond, cond, scale=0.3)
+    s["sigma_map.mlp.2.bias"] = rnd(cond, scale=0.2)
+    if rotary:
+        s["rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, hidden // heads, 2).float() / (hidden // heads)))
+    for i in range(layers):
+        p = f"blocks.{i}."
+        s[p + "norm1.weight"] = 1 + rnd(hidden, scale=0.1)
+        s[p + "attn_qkv.weight"] = rnd(3 * hidden, hidden, scale=hidden**-0.5)
+        s[p + "attn_out.weight"] = rnd(hidden, hidden, scale=hidden**-0.5)
+        s[p + "norm2.weight"] = 1 + rnd(hidden, scale=0.1)
+        s[p + "mlp.0.weight"] = rnd(4 * hidden, hidden, scale=hidden**-0.5)
+        s[p + "mlp.0.bias"] = rnd(4 * hidden, scale=0.1)
+        s[p + "mlp.2.weight"] = rnd(hidden, 4 * hidden, scale=(4 * hidden) ** -0.5)
+        s[p + "mlp.2.bias"] = rnd(hidden, scale=0.1)
+        s[p + "adaLN_modulation.weight"] = rnd(6 * hidden, cond, scale=0.2)
+        s[p + "adaLN_modulation.bias"] = rnd(6 * hidden, scale=0.2)
+    s["output_layer.norm_final.weight"] = 1 + rnd(hidden, scale=0.1)
+    s["output_layer.linear.weight"] = rnd(vocab, hidden, scale=hidden**-0.5)
+    s["output_layer.linear.bias"] = rnd(vocab, scale=0.1)
+    s["output_layer.adaLN_modulation.weight"] = rnd(2 * hidden, cond, scale=0.2)
+    s["output_layer.adaLN_modulation.bias"] = rnd(2 * hidden, scale=0.2)
+    return s
+
+
+def _layer_norm(x, weight):
+    """Weight-only LayerNorm (eps 1e-5), computed in float64 here."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-5) * weight
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # "rotate_half": the half-split form
+    return x * cos + rotated * sin
+
+
+def reference_dit_forward(state: dict, ids: torch.Tensor, sigma: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """The reference DiT on CPU (float32 there; float64 here): logits (B, L, V). sigma None = MDLM's constant."""
+    w = {k: v.double() for k, v in state.items()}
+    B, L = ids.shape
+    x = w["vocab_embed.embedding"][ids]  # (B, L, d)
+    d = x.shape[-1]
+    hd = d // heads
+    sigma = torch.zeros(B, dtype=torch.float64) if sigma is None else sigma.double()
+    k = torch.arange(128, dtype=torch.float64)
+    args = sigma[:, None] * torch.exp(-math.log(10000.0) * k / 128)[None]  # (B, 128)
+    features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [cos, sin], 256 features
+    h = features @ w["sigma_map.mlp.0.weight"].T + w["sigma_map.mlp.0.bias"]
+    h = h * torch.sigmoid(h)
+    c = h @ w["sigma_map.mlp.2.weight"].T + w["sigma_map.mlp.2.bias"]
+    c = c * torch.sigmoid(c)  # SiLU of the embedding: the conditioning vector
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]  # (L, hd/2)
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # (L, hd)
+    for i in range(sum(1 for key in w if key.endswith("norm1.weight"))):
+        p = f"blocks.{i}."
+        mod = (c @ w[p + "adaLN_modulation.weight"].T + w[p + "adaLN_modulation.bias"])[:, None]  # (B, 1, 6d)
+        shift_msa, scale_msa, gate_msa = mod[..., :d], mod[..., d:2 * d], mod[..., 2 * d:3 * d]
+        shift_mlp, scale_mlp, gate_mlp = mod[..., 3 * d:4 * d], mod[..., 4 * d:5 * d], mod[..., 5 * d:]
+        h = _layer_norm(x, w[p + "norm1.weight"]) * (1 + scale_msa) + shift_msa
+        qkv = (h @ w[p + "attn_qkv.weight"].T).reshape(B, L, 3, heads, hd)  # packed (three, heads, head_dim)
+        q, kk, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))  # (B, H, L, hd)
+        q, kk = _rotate(q, cos, sin), _rotate(kk, cos, sin)
+        att = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(hd), dim=-1)  # non-causal
+        out = (att @ v).transpose(1, 2).reshape(B, L, d) @ w[p + "attn_out.weight"].T
+        x = x + gate_msa * out
+        h = _layer_norm(x, w[p + "norm2.weight"]) * (1 + scale_mlp) + shift_mlp
+        m = _gelu_tanh(h @ w[p + "mlp.0.weight"].T + w[p + "mlp.0.bias"]) @ w[p + "mlp.2.weight"].T
+        x = x + gate_mlp * (m + w[p + "mlp.2.bias"])
+    mod = (c @ w["output_layer.adaLN_modulation.weight"].T + w["output_layer.adaLN_modulation.bias"])[:, None]
+    h = _layer_norm(x, w["output_layer.norm_final.weight"]) * (1 + mod[..., d:]) + mod[..., :d]
+    return h @ w["output_layer.linear.weight"].T + w["output_layer.linear.bias"]
+
+
+# ---- checkpoint layouts ---------------------------------------------------------------------------------------------
+def hub_config(fmt: str, **changes) -> dict:
+    """config.json of the released repos, with the authors' field names."""
+    config = {"model_type": fmt, "architectures": [fmt.upper()], "vocab_size": V, "model_length": LENGTH,
+              "hidden_dim": D, "cond_dim": COND, "n_blocks": LAYERS, "n_heads": HEADS, "dropout": 0.1,
+              "auto_map": {"AutoConfig": f"configuration_{fmt}.{fmt.upper()}Config",
+                           "AutoModelForMaskedLM": f"modeling_{fmt}.{fmt.upper()}"}}
+    config.update({"time_conditioning": False} if fmt == "mdlm" else {"causal": False, "var_min": True})
+    config.update(changes)
+    return config
+
+
+def write_hub_snapshot(folder: Path, fmt: str, state: dict, weights: str = "safetensors", **config_changes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hub_config(fmt, **config_changes)))
+    prefixed = {f"backbone.{k}": v.contiguous() for k, v in state.items()}
+    if weights == "safetensors":
+        save_file(prefixed, str(folder / "model.safetensors"))
+    else:
+        torch.save(prefixed, folder / "pytorch_model.bin")
+    return folder
+
+
+class HydraNode:
+    """Stands for a pickled OmegaConf node; unpickling it for real would leave a marker file behind."""
+
+    marker: Path | None = None
+
+    def __init__(self, value):
+        self.__dict__.update(_val=value, _metadata=None, _parent=None)
+
+    def __setstate__(self, state):
+        if HydraNode.marker is not None:
+            HydraNode.marker.write_text("code from the checkpoint ran")
+        self.__dict__.update(state)
+
+
+class HydraConfig(HydraNode):
+    def __init__(self, content):
+        self.__dict__.update(_content=content, _metadata=None, _parent=None)
+
+
+def write_training_checkpoint(path: Path, raw: dict, ema: dict | None, prefix: str = "backbone.",
+                              extra: dict | None = None, hparams: bool = True) -> Path:
+    """A Lightning-style checkpoint of the reference trainer: prefixed state dict, EMA shadow list in parameter
+    order, and Python objects (a Hydra config) in `hyper_parameters`."""
+    state = OrderedDict((prefix + k, v) for k, v in raw.items())
+    state.update(extra or {})
+    ckpt = {"epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.2.1", "state_dict": state,
+            "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": 3}}}}, "optimizer_states": []}
+    if ema is not None:
+        ckpt["ema"] = {"decay": 0.9999, "num_updates": 1000, "collected_params": None,
+                       "shadow_params": [v for k, v in ema.items() if k != "rotary_emb.inv_freq"]}
+    if hparams:
+        model = HydraConfig({"hidden_size": HydraNode(D), "n_heads": HydraNode(HEADS), "n_blocks": HydraNode(LAYERS),
+                             "cond_dim": HydraNode(COND), "length": HydraNode(LENGTH), "dropout": HydraNode(0.1)})
+        ckpt["hyper_parameters"] = {"config": HydraConfig({"model": model}), "tokenizer": HydraNode("gpt2")}
+    torch.save(ckpt, path)
+    return path
+
+
+def _ids_sigma(batch: int = 3, seed: int = 1, vocab: int = V):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab - 1, (batch, LENGTH), generator=g), torch.tensor([0.0, 0.7, 6.9])[:batch]
+
+
+def _max_diff(model, state, heads: int = HEADS, time_conditioning: bool = True) -> float:
+    ids, sigma = _ids_sigma()
+    with torch.no_grad():
+        ours = model(input_ids=ids, sigma=sigma).logits.double()
+    ref = reference_dit_forward(state, ids, sigma if time_conditioning else None, heads)
+    assert ref.abs().max() > 1.0  # non-trivial logits: the check has something to compare
+    return float((ours - ref).abs().max())
+
+
+# ---- logit equality, every layout and variant ---------------------------------------------------------------------
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_duo_hub_snapshot_matches_reference_forward(tmp_path, weights):
+    state = reference_state(seed=0)
+    folder = write_hub_snapshot(tmp_path / "duo", "duo", state, weights)
+    model = DuoForDiffusionLM.from_reference(folder)
+    assert model.config.hidden_size == D and model.config.num_hidden_layers == LAYERS
+    assert model.config.num_attention_heads == HEADS and model.config.cond_dim == COND
+    assert model.config.vocab_size == V and model.config.max_position_embeddings == LENGTH
+    assert model.config.time_conditioning and model.config.hidden_dropout_prob == 0.1
+    assert model.generation_config.num_steps != 8 or model.generation_config.sampler != "greedy_tail"
+    assert _max_diff(model, state) <= 1e-4
+    # sigma matters (a time-conditioned model): a wrong sigma convention would not pass the check above
+    ids, _ = _ids_sigma(1)
+    with torch.no_grad():
+        a = model(input_ids=ids, sigma=torch.tensor([0.1])).logits
+        b = model(input_ids=ids, sigma=torch.tensor([3.0])).logits
+    assert (a - b).abs().max() > 1e-2
+
+
+def test_mdlm_hub_snapshot_feeds_a_constant_noise_level(tmp_path):
+    state = reference_state(seed=1)
+    folder = write_hub_snapshot(tmp_path / "mdlm", "mdlm", state)
+    model = MDLMForDiffusionLM.from_reference(folder)
+    assert not model.config.time_conditioning and model.config.mask_token_id == V - 1
+    assert _max_diff(model, state, time_conditioning=False) <= 1e-4
+    ids, _ = _ids_sigma(1)
+    with torch.no_grad():  # no time conditioning: the noise level is ignored
+        a = model(input_ids=ids, sigma=torch.tensor([0.1])).logits
+        b = model(input_ids=ids, sigma=torch.tensor([3.0])).logits
+    assert torch.equal(a, b)
+
+
+def test_duo_distilled_snapshot_gets_few_step_defaults(tmp_path):
+    state = reference_state(seed=2)
+    folder = write_hub_snapshot(tmp_path / "duo-distilled", "duo", state)
+    model = DuoForDiffusionLM.from_reference(folder)
+    assert model.generation_config.num_steps == 8 and model.generation_config.sampler == "greedy_tail"
+    assert model.config.reference_source["distilled"] is True
+    assert _max_diff(model, state) <= 1e-4
+    plain = DuoForDiffusionLM.from_reference(folder, distilled=False)
+    assert plain.generation_config.sampler != "greedy_tail" or plain.generation_config.num_steps != 8
+
+
+def test_training_checkpoint_prefix_ema_and_placeholders(tmp_path):
+    raw, ema = reference_state(seed=3), reference_state(seed=4)
+    ema["rotary_emb.inv_freq"] = raw["rotary_emb.inv_freq"]
+    marker = tmp_path / "ran.txt"
+    HydraNode.marker = None
+    path = write_training_checkpoint(tmp_path / "last.ckpt", raw, ema)
+    HydraNode.marker = marker  # from now on, running the file's own classes would leave this file behind
+    try:
+        model = DuoForDiffusionLM.from_reference(path)
+        no_ema = DuoForDiffusionLM.from_reference(path, use_ema=False)
+    finally:
+        HydraNode.marker = None
+    assert not marker.exists()
+    assert model.config.reference_source["ema"] is True and model.config.reference_source["prefix"] == "backbone."
+    assert _max_diff(model, ema) <= 1e-4  # the EMA weights, not the raw ones
+    assert _max_diff(no_ema, raw) <= 1e-4
+    assert _max_diff(model, raw) > 1e-2
+    # the pickled Hydra config was read through placeholders: model_length -> max_position_embeddings
+    assert model.config.max_position_embeddings == LENGTH
+
+
+def test_compiled_prefix_and_teacher_are_handled(tmp_path):
+    raw = reference_state(seed=5)
+    teacher = {f"teacher.{k}": v for k, v in reference_state(seed=55).items()}
+    path = write_training_checkpoint(tmp_path / "distill.ckpt", raw, None, prefix="backbone._orig_mod.",
+                                     extra=teacher, hparams=False)
+    ckpt = read_reference_checkpoint(path)
+    assert ckpt.prefix == "backbone._orig_mod." and "teacher." in ckpt.ignored and not ckpt.used_ema
+    model = DuoForDiffusionLM.from_reference(path)
+    assert _max_diff(model, raw) <= 1e-4
+    as_teacher = DuoForDiffusionLM.from_reference(path, prefix="teacher.")
+    assert _max_diff(as_teacher, {k[len("teacher."):]: v for k, v in teacher.items()}) <= 1e-4
+
+
+def test_bare_state_dict_needs_heads_when_nothing_says(tmp_path):
+    raw = reference_state(seed=6, rotary=False)
+    path = tmp_path / "weights.pt"
+    torch.save(dict(raw), path)
+    with pytest.raises(ValueError, match="attention heads"):
+        DuoForDiffusionLM.from_reference(path)
+    model = DuoForDiffusionLM.from_reference(path, num_attention_heads=HEADS, max_position_embeddings=LENGTH)
+    assert _max_diff(model, raw) <= 1e-4
+    with pytest.raises(ValueError, match="hidden_size"):
+        DuoForDiffusionLM.from_reference(path, num_attention_heads=HEADS, hidden_size=64)
+
+
+# ---- refusals -------------------------------------------------------------------------------------------------------
+def test_mismatched_config_and_shapes_are_refused(tmp_path):
+    state = reference_state(seed=7)
+    folder = write_hub_snapshot(tmp_path / "a", "duo", state, hidden_dim=64)
+    with pytest.raises(ValueError, match=r"hidden_size=64 but the weights have 48"):
+        DuoForDiffusionLM.from_reference(folder)
+    bad = OrderedDict(state)
+    bad["blocks.1.attn_out.weight"] = torch.zeros(D, D + 1)
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.attn_out\.weight has shape \(48, 49\)"):
+        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "b", "duo", bad))
+    missing = OrderedDict((k, v) for k, v in state.items() if k != "blocks.0.norm2.weight")
+    with pytest.raises(ValueError, match=r"lacks 1 reference parameters, e\.g\. backbone\.blocks\.0\.norm2\.weight"):
+        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "c", "duo", missing))
+    extra = OrderedDict(state)
+    extra["blocks.0.attn_q_norm.weight"] = torch.ones(D)
+    with pytest.raises(ValueError, match="parameters the reference DiT does not: blocks.0.attn_q_norm.weight"):
+        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "d", "duo", extra))
+    with pytest.raises(ValueError, match="model_type='mdlm'"):
+        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "e", "mdlm", state))
+    with pytest.raises(ValueError, match="causal"):
+        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "f", "duo", state, causal=True))
+    rope = OrderedDict(state)
+    rope["rotary_emb.inv_freq"] = rope["rotary_emb.inv_freq"][:4]
+    with pytest.raises(ValueError, match="config says num_attention_heads=4 but the weights have 6"):
+        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "g", "duo", rope))
+    with pytest.raises(ValueError, match="no released reference checkpoints"):
+        SDDLMForDiffusionLM.from_reference(folder)
+
+
+def test_bad_files_are_refused_without_running_code(tmp_path):
+    raw, ema = reference_state(seed=8), reference_state(seed=9, layers=1)
+    with pytest.raises(ValueError, match="EMA"):
+        DuoForDiffusionLM.from_reference(write_training_checkpoint(tmp_path / "ema.ckpt", raw, ema, hparams=False))
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises((ValueError, OSError)):
+        DuoForDiffusionLM.from_reference(garbage)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in raw.items()}, "hook": EvilPayload()}, evil)
+    with pytest.raises(ValueError, match="refusing"):
+        DuoForDiffusionLM.from_reference(evil)
+    two = tmp_path / "two.pt"
+    torch.save({**{f"a.{k}": v for k, v in raw.items()}, **{f"b.{k}": v for k, v in raw.items()}}, two)
+    with pytest.raises(ValueError, match="several backbones"):
+        DuoForDiffusionLM.from_reference(two)
+    with pytest.raises(ValueError, match="no reference DiT backbone"):
+        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "h", "duo", {"x.weight": torch.ones(2)}))
+    with pytest.raises(OSError, match="no such file"):
+        DuoForDiffusionLM.from_reference(tmp_path / "absent")
+
+
+class EvilPayload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned",))
+
+
+# ---- the converted model works with the rest of dlm -----------------------------------------------------------------
+def test_converted_model_saves_reloads_generates_and_evaluates(tmp_path):
+    state = reference_state(seed=10)
+    model = MDLMForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "src", "mdlm", state))
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    ids, sigma = _ids_sigma()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, sigma=sigma).logits, reloaded(input_ids=ids, sigma=sigma).logits)
+        nelbo = reloaded.nelbo(ids, generator=torch.Generator().manual_seed(0))
+    assert nelbo.shape == (3,) and torch.isfinite(nelbo).all()
+    out = reloaded.generate(batch_size=2, max_new_tokens=LENGTH, num_steps=4,
+                            generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, LENGTH) and int(out.max()) < V - 1  # every mask replaced by a real token
+
+
+def test_cli_convert_then_finetune_with_lora(tmp_path):
+    """`dlm convert` with the GPT-2 tokenizer, then `dlm train --init_from` (LoRA) on real text."""
+    vocab = 50258  # GPT-2 + [PAD], the reference's Duo vocabulary
+    state = reference_state(seed=11, vocab=vocab, hidden=32, heads=4, cond=16, layers=1)
+    src = write_hub_snapshot(tmp_path / "duo-owt", "duo", state, vocab_size=vocab, hidden_dim=32, cond_dim=16,
+                             n_blocks=1, model_length=32)
+    out = tmp_path / "converted"
+    tok = shared_data("tokenizers", "gpt2")
+    assert dlm_main(["convert", str(src), str(out), "--from", "duo", "--tokenizer", str(tok)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "duo" and config["vocab_size"] == vocab and config["pad_token_id"] == 50257
+    assert (out / "tokenizer.json").is_file() and (out / "modeling_dlm.py").is_file()
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 16), generator=g)
+    sigma = torch.tensor([0.3, 1.2])
+    with torch.no_grad():
+        diff = (model(input_ids=ids, sigma=sigma).logits.double() - reference_dit_forward(state, ids, sigma, 4))
+    assert float(diff.abs().max()) <= 1e-4
+    # refusals of the CLI: occupied output folder, unknown format, a tokenizer that cannot fill the vocabulary
+    assert dlm_main(["convert", str(src), str(out), "--from", "duo"]) == 2
+    assert dlm_main(["convert", str(src), str(tmp_path / "x"), "--from", "sedd"]) == 2
+    small = write_hub_snapshot(tmp_path / "small", "duo", reference_state(seed=12))
+    assert dlm_main(["convert", str(small), str(tmp_path / "y"), "--from", "duo", "--tokenizer", str(tok)]) == 2
+    # fine-tune the converted model with LoRA on real text
+    text = tmp_path / "text.txt"
+    text.write_text(shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:8_000])
+    ft = tmp_path / "ft"
+    rc = dlm_main(["train", "--variant", "duo", "--init_from", str(out), "--tokenizer", str(out),
+                   "--dataset", str(text), "--seq_len", "32", "--max_train_samples", "16", "--max_eval_samples",
+                   "4", "--max_steps", "2", "--per_device_train_batch_size", "2", "--output_dir", str(ft),
+                   "--lora_r", "4", "--merge_lora", "true", "--report_to", "none", "--save_strategy", "no",
+                   "--disable_tqdm", "true", "--use_cpu", "true"])
+    assert rc == 0
+    merged = AutoModel.from_pretrained(ft / "merged", trust_remote_code=True)
+    assert merged.config.vocab_size == vocab
