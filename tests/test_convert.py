@@ -82,23 +82,25 @@ def _rotate(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def reference_dit_forward(state: dict, ids: torch.Tensor, sigma: torch.Tensor | None, heads: int) -> torch.Tensor:
-    """The reference DiT on CPU (float32 there; float64 here): logits (B, L, V). sigma None = MDLM's constant."""
-    w = {k: v.double() for k, v in state.items()}
+def reference_dit_forward(state: dict, ids: torch.Tensor, sigma: torch.Tensor | None, heads: int,
+                          dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The reference DiT on CPU (float32 there; float64 by default here): logits (B, L, V). sigma None = MDLM's
+    constant noise level."""
+    w = {k: v.to(dtype) for k, v in state.items()}
     B, L = ids.shape
     x = w["vocab_embed.embedding"][ids]  # (B, L, d)
     d = x.shape[-1]
     hd = d // heads
-    sigma = torch.zeros(B, dtype=torch.float64) if sigma is None else sigma.double()
-    k = torch.arange(128, dtype=torch.float64)
+    sigma = torch.zeros(B, dtype=dtype) if sigma is None else sigma.to(dtype)
+    k = torch.arange(128, dtype=dtype)
     args = sigma[:, None] * torch.exp(-math.log(10000.0) * k / 128)[None]  # (B, 128)
     features = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [cos, sin], 256 features
     h = features @ w["sigma_map.mlp.0.weight"].T + w["sigma_map.mlp.0.bias"]
     h = h * torch.sigmoid(h)
     c = h @ w["sigma_map.mlp.2.weight"].T + w["sigma_map.mlp.2.bias"]
     c = c * torch.sigmoid(c)  # SiLU of the embedding: the conditioning vector
-    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    angles = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]  # (L, hd/2)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=dtype) / hd))
+    angles = torch.arange(L, dtype=dtype)[:, None] * inv[None]  # (L, hd/2)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()  # (L, hd)
     for i in range(sum(1 for key in w if key.endswith("norm1.weight"))):
         p = f"blocks.{i}."
@@ -213,6 +215,32 @@ def test_duo_hub_snapshot_matches_reference_forward(tmp_path, weights):
         a = model(input_ids=ids, sigma=torch.tensor([0.1])).logits
         b = model(input_ids=ids, sigma=torch.tensor([3.0])).logits
     assert (a - b).abs().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_published_size_matches_reference_forward(tmp_path):
+    """The released models' size (12 x 768, 12 heads, cond 128, V = 50258, 169.6M parameters), both variants, with
+    weights scaled like a trained model's (logits of a few units; random unit-variance weights at this depth give
+    logits of ~40, where float32 rounding alone exceeds 1e-4)."""
+    sizes = dict(vocab=50258, hidden=768, layers=12, heads=12, cond=128)
+    state = reference_state(seed=14, **sizes)
+    state["vocab_embed.embedding"] *= 0.1
+    for key in state:
+        if "adaLN_modulation" in key:
+            state[key] *= 0.25
+    config = dict(vocab_size=50258, hidden_dim=768, n_blocks=12, n_heads=12, cond_dim=128, model_length=1024)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50257, (2, 128), generator=g)
+    sigma = torch.tensor([0.05, 3.0])
+    for fmt, cls in (("duo", DuoForDiffusionLM), ("mdlm", MDLMForDiffusionLM)):
+        model = cls.from_reference(write_hub_snapshot(tmp_path / fmt, fmt, state, **config))
+        assert sum(p.numel() for p in model.parameters()) == 169_627_218
+        with torch.no_grad():
+            ours = model(input_ids=ids, sigma=sigma).logits.double()
+        ref = reference_dit_forward(state, ids, sigma if fmt == "duo" else None, 12)
+        assert 2.0 < ref.abs().max() < 50
+        assert float((ours - ref).abs().max()) <= 1e-4, fmt
+        del model
 
 
 def test_mdlm_hub_snapshot_feeds_a_constant_noise_level(tmp_path):
@@ -383,6 +411,19 @@ def test_cli_convert_then_finetune_with_lora(tmp_path):
     assert dlm_main(["convert", str(src), str(tmp_path / "x"), "--from", "sedd"]) == 2
     small = write_hub_snapshot(tmp_path / "small", "duo", reference_state(seed=12))
     assert dlm_main(["convert", str(small), str(tmp_path / "y"), "--from", "duo", "--tokenizer", str(tok)]) == 2
+    # MDLM: the tokenizer's new [MASK] lands on the model's mask id, and eos pads (no free row for a [PAD])
+    mdlm_state = reference_state(seed=15, vocab=vocab, hidden=32, heads=4, cond=16, layers=1)
+    mdlm_src = write_hub_snapshot(tmp_path / "mdlm-owt", "mdlm", mdlm_state, vocab_size=vocab, hidden_dim=32,
+                                  cond_dim=16, n_blocks=1, model_length=32)
+    assert dlm_main(["convert", str(mdlm_src), str(tmp_path / "mdlm"), "--from", "mdlm", "--tokenizer", str(tok)]) == 0
+    mdlm_config = json.loads((tmp_path / "mdlm" / "config.json").read_text())
+    assert mdlm_config["mask_token_id"] == 50257 and mdlm_config["pad_token_id"] == mdlm_config["eos_token_id"]
+    from transformers import AutoTokenizer
+
+    mdlm_tok = AutoTokenizer.from_pretrained(tmp_path / "mdlm")
+    assert (len(mdlm_tok), mdlm_tok.mask_token_id) == (vocab, 50257)
+    # the converted folder passes `dlm push`'s allowlist (dry run: what would be uploaded)
+    assert dlm_main(["push", str(out), "my-org/duo-owt", "--dry_run"]) == 0
     # fine-tune the converted model with LoRA on real text
     text = tmp_path / "text.txt"
     text.write_text(shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:8_000])
@@ -395,3 +436,38 @@ def test_cli_convert_then_finetune_with_lora(tmp_path):
     assert rc == 0
     merged = AutoModel.from_pretrained(ft / "merged", trust_remote_code=True)
     assert merged.config.vocab_size == vocab
+
+
+def test_cli_convert_by_hub_repo_id(tmp_path):
+    """`dlm convert REPO_ID` downloads config + safetensors from a Hub-protocol server (tests/hub_server.py), as it
+    would from huggingface.co, in a fresh process with an empty HF_HOME."""
+    import os
+    import subprocess
+    import sys
+
+    from huggingface_hub import HfApi
+
+    from tests.hub_server import HubServer
+
+    state = reference_state(seed=13)
+    snapshot = write_hub_snapshot(tmp_path / "snapshot", "duo", state)
+    with HubServer() as hub:
+        api = HfApi(endpoint=hub.url, token="hf_test")
+        api.create_repo("dlm-test/duo-distilled")
+        api.upload_folder(repo_id="dlm-test/duo-distilled", folder_path=str(snapshot))
+        drop = ("PYTHON", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf_home"), HF_TOKEN="hf_test",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1", OMP_NUM_THREADS="1")
+        out = tmp_path / "converted"
+        proc = subprocess.run([sys.executable, "-m", "trainers.cli", "convert", "dlm-test/duo-distilled", str(out),
+                               "--from", "duo"], capture_output=True, text=True, env=env, timeout=300,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        fetched = {path for method, path, status in hub.requests if method == "GET" and status == 200}
+    assert any(p.endswith("/model.safetensors") for p in fetched)  # safetensors preferred: no .bin requested
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["source"] == "dlm-test/duo-distilled" and info["distilled"] is True
+    assert info["generation"] == {"num_steps": 8, "sampler": "greedy_tail"}
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    assert _max_diff(model, state) <= 1e-4
