@@ -22,13 +22,14 @@ def size_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
-def build(variant: str, args):
-    """A seeded model of `variant` with the benchmark's sizes (dropout off)."""
+def build(variant: str, args, **overrides):
+    """A seeded model of `variant` with the benchmark's sizes (dropout off); `overrides` change config fields."""
     config_class, model_class = VARIANTS[variant]
     kwargs = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, cond_dim=128, max_position_embeddings=args.seq,
                   hidden_dropout_prob=0.0)
     if variant == "replaid":
         kwargs["schedule_hidden_size"] = 1024
+    kwargs.update(overrides)
     torch.manual_seed(0)
     return model_class(config_class(**kwargs))

@@ -101,7 +101,18 @@ class DuoGenerationConfig(UniformGenerationConfig):
 
 
 class MDLMGenerationConfig(DiffusionGenerationConfig):
-    pass
+    r"""MDLM. `cache_predictions` (default True) reuses x_hat while z_t is unchanged, MDLM's caching sampler: exact,
+    because the network ignores time, and the samples are identical to plain ancestral sampling with the same
+    generator; False calls the network at every step."""
+
+    def __init__(self, **kwargs):
+        self.cache_predictions = kwargs.pop("cache_predictions", True)
+        super().__init__(**kwargs)
+
+    def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
+        super().validate(strict, user_set_attributes)
+        if not isinstance(self.cache_predictions, bool):
+            raise ValueError(f"`cache_predictions` must be True or False, got {self.cache_predictions!r}")
 
 
 class RePlaidGenerationConfig(DiffusionGenerationConfig):
@@ -416,7 +427,7 @@ class MDLMGenerationMixin(DiffusionLMGenerationMixin):
         sched = self.noise_scheduler
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
         x_hat = state["x_hat"]
-        if x_hat is None or self.config.time_conditioning:
+        if x_hat is None or self.config.time_conditioning or not getattr(gen, "cache_predictions", True):
             sigma = (-torch.log(alpha_t)).float().expand(z.shape[0])
             logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits.float()
             logits[..., sched.mask_token_id] = float("-inf")  # SUBS: never predict the mask (in place: no grad here)

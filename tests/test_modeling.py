@@ -848,17 +848,12 @@ def test_mdlm_cache_matches_uncached_sampling(batch):
     model = tiny_model("mdlm")
     cached = model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=12, generator=gen(5),
                             return_dict_in_generate=True)
-    original = model._sampling_step
-
-    def uncached_step(state, *args, **kwargs):
-        state["x_hat"] = None
-        return original(state, *args, **kwargs)
-
-    model._sampling_step = uncached_step
     uncached = model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=12, generator=gen(5),
-                              return_dict_in_generate=True)
+                              return_dict_in_generate=True, cache_predictions=False)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert cached.num_forward_passes < uncached.num_forward_passes == 12
+    with pytest.raises(ValueError, match="cache_predictions"):
+        model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=4, cache_predictions="yes")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
