@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 #: (name, variant, trainer arguments, config overrides)
 CASES = [
     ("sddlm", "sddlm", {}, {}),
-    ("sddlm (no reg.)", "sddlm", {}, {"regularizer_weight": 0.0}),
+    ("sddlm (no reg.)", "sddlm", {}, {"regularizer": "none"}),
     ("duo (elbo)", "duo", {}, {}),
     ("duo (curriculum)", "duo", {"curriculum_steps": 10}, {}),
     ("duo (curric. top-2)", "duo", {"curriculum_steps": 10, "curriculum_top_k": 2}, {}),
@@ -101,7 +101,7 @@ def _sync(device: str) -> None:
 
 
 def time_steps(args) -> list[dict]:
-    steps = make_steps(args)
+    steps = make_steps(args, ["ar (llama)", "bare dit", *args.cases] if args.cases else None)
     times = {name: [] for name in steps}
     for fn in steps.values():
         fn()  # warm-up
@@ -142,7 +142,7 @@ def measure_memory(args, name: str) -> float:
 
 
 def memory_table(args) -> list[dict]:
-    names = ["ar (llama)", "bare dit"] + [c[0] for c in CASES]
+    names = ["ar (llama)", "bare dit"] + (args.cases or [c[0] for c in CASES])
     peaks = {}
     for name in names:
         cmd = [sys.executable, __file__, "--_memory_case", name, "--device", args.device]
@@ -194,6 +194,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", default=None, help="print the operator profile of one step of this case")
     parser.add_argument("--no_memory", action="store_true", help="skip the per-process memory measurements")
+    parser.add_argument("--cases", nargs="+", default=None, choices=[c[0] for c in CASES],
+                        help="measure only these (plus the Llama and bare-DiT references)")
     parser.add_argument("--out", default=str(RESULTS / "train_step.json"))
     parser.add_argument("--_memory_case", default=None, help=argparse_hidden())
     args = parser.parse_args()

@@ -387,8 +387,7 @@ class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
         alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)
         z_t, _ = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
         logits = self(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
-        log_x_theta = self.noise_scheduler.subs_log_probs(logits, z_t, carry_over=False)
-        return self.noise_scheduler.nelbo_per_token(log_x_theta, input_ids, z_t, alpha, dalpha)
+        return self.noise_scheduler.nelbo_per_token_from_logits(logits, input_ids, z_t, alpha, dalpha)
 
 
 class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):

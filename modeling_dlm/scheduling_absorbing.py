@@ -13,6 +13,7 @@ and unmasked positions stay. Pure tensor math; randomness only through `generato
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .scheduling_uniform import _as_column, sample_from_probs
 
@@ -80,6 +81,30 @@ class AbsorbingStateScheduler:
         if rows[0].numel():
             z_s[rows] = sample_from_probs(x_hat[rows], generator)
         return z_s
+
+    def nelbo_per_token_from_logits(
+        self,
+        logits: torch.Tensor,
+        x0: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        dalpha_t: torch.Tensor | float,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """`nelbo_per_token(subs_log_probs(logits, z_t, carry_over=False), ...)` computed on the masked rows only: one
+        cross-entropy (a log-softmax without the mask column) over the (N, V) rows that carry a loss, instead of a
+        masked copy and a log-softmax of all B * L rows. Same value and gradient up to rounding; (B, L) in `dtype`.
+        Selecting the rows costs one device synchronisation (`nonzero`)."""
+        B, L, V = logits.shape
+        rows = (z_t == self.mask_token_id).reshape(-1).nonzero().squeeze(-1)  # (N,)
+        picked = logits.reshape(-1, V).index_select(0, rows).to(dtype)  # (N, V), a fresh tensor
+        picked.index_fill_(-1, torch.tensor([self.mask_token_id], device=logits.device), float("-inf"))  # SUBS
+        log_p_x = -F.cross_entropy(picked, x0.reshape(-1).index_select(0, rows), reduction="none")  # (N,)
+        alpha = _as_column(alpha_t, x0, dtype).expand(B, L).reshape(-1).index_select(0, rows)
+        dalpha = _as_column(dalpha_t, x0, dtype).expand(B, L).reshape(-1).index_select(0, rows)
+        weight = dalpha / (1 - alpha).clamp(min=1e-12)
+        out = torch.zeros(B * L, dtype=dtype, device=logits.device)
+        return out.index_put((rows,), weight * log_p_x).view(B, L)
 
     def nelbo_per_token(
         self,

@@ -246,6 +246,67 @@ def test_sddlm_loss_pure_function():
         sddlm_loss(logits, x0, positions, regularizer="contrastive")
 
 
+@pytest.mark.parametrize("regularizer", ["mean", "sampled", "none"])
+def test_sddlm_loss_matches_the_plain_autograd_chain(regularizer):
+    """The fused / logsumexp forms give the value and gradient of the direct softmax chain (the loss works in float32;
+    the reference chain here in float64)."""
+    from trainers.sddlm import sddlm_loss
+
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(3, 5, 23, generator=g, dtype=torch.float64)).requires_grad_()
+    x0 = torch.randint(0, 23, (3, 5), generator=g)
+    positions = torch.rand(3, 5, generator=g) < 0.6
+    eps, weight = 1e-3, 0.7
+    loss, stats = sddlm_loss(logits, x0, positions, regularizer=regularizer, regularizer_weight=weight, eps=eps,
+                             num_negative_samples=4, generator=torch.Generator().manual_seed(5))
+    (grad,) = torch.autograd.grad(loss, logits)
+    probs = logits.softmax(-1)
+    ce = -torch.log(probs.gather(-1, x0[..., None]).squeeze(-1) + eps)
+    if regularizer == "mean":
+        reg = torch.log(probs + eps).mean(-1)
+    elif regularizer == "sampled":
+        negatives = torch.randint(0, 23, (3, 5, 4), generator=torch.Generator().manual_seed(5))
+        reg = torch.log(probs.gather(-1, negatives) + eps).mean(-1)
+    else:
+        reg = torch.zeros_like(ce)
+    m = positions.double()
+    expected = ((ce + weight * reg) * m).sum() / m.sum()
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert stats["ce"].item() == pytest.approx(((ce * m).sum() / m.sum()).item(), rel=1e-5)
+
+
+def test_mdlm_loss_on_masked_rows_matches_the_full_log_softmax():
+    """`nelbo_per_token_from_logits` (cross-entropy on the masked rows only) equals the SUBS log-softmax chain over
+    all rows, in value and gradient, including the mask column's zero gradient."""
+    from modeling_dlm.noise_schedules import LogLinearSchedule
+    from modeling_dlm.scheduling_absorbing import AbsorbingStateScheduler
+
+    V, mask = 19, 18
+    sched = AbsorbingStateScheduler(V, mask)
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randint(0, V - 1, (3, 6), generator=g)
+    t = torch.tensor([0.05, 0.5, 0.97], dtype=torch.float64)
+    schedule = LogLinearSchedule(1e-3)
+    alpha, dalpha = schedule.alpha(t), schedule.dalpha_dt(t)
+    z_t, _ = sched.add_noise(x0, alpha, generator=g)
+    assert (z_t == mask).any() and (z_t != mask).any()
+    logits = (2 * torch.randn(3, 6, V, generator=g, dtype=torch.float64)).requires_grad_()
+    weights = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    fused = sched.nelbo_per_token_from_logits(logits, x0, z_t, alpha, dalpha, dtype=torch.float64)
+    no_mask = logits.masked_fill(torch.arange(V) == mask, float("-inf")).log_softmax(-1)  # SUBS in float64
+    chain = sched.nelbo_per_token(no_mask, x0, z_t, alpha, dalpha, dtype=torch.float64)
+    (g_fused,) = torch.autograd.grad((fused * weights).sum(), logits)
+    (g_chain,) = torch.autograd.grad((chain * weights).sum(), logits)
+    torch.testing.assert_close(fused, chain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_fused, g_chain, rtol=1e-10, atol=1e-12)
+    assert g_fused[..., mask].abs().max() == 0
+    nothing = sched.nelbo_per_token_from_logits(logits, x0, x0, alpha, dalpha)  # t ~ 0: no masked position
+    assert nothing.abs().max() == 0 and nothing.requires_grad
+
+
 def test_unigram_entropy():
     from trainers.evaluation import unigram_entropy
 

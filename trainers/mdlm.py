@@ -9,8 +9,7 @@ from .base import DiffusionTrainer, masked_mean
 
 
 def mdlm_loss(logits, x0, z_t, alpha, dalpha, scheduler, attention_mask=None):
-    log_x_theta = scheduler.subs_log_probs(logits, z_t, carry_over=False)
-    per_token = scheduler.nelbo_per_token(log_x_theta, x0, z_t, alpha, dalpha)
+    per_token = scheduler.nelbo_per_token_from_logits(logits, x0, z_t, alpha, dalpha)  # (B, L), masked rows only
     loss = masked_mean(per_token, attention_mask)
     return loss, {"nelbo": loss.detach(), "masked_fraction": (z_t == scheduler.mask_token_id).float().mean()}
 

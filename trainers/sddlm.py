@@ -14,6 +14,9 @@ Validation never reports this loss: `DiffusionTrainer` evaluates the uniform-sta
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from modeling_dlm.scheduling_uniform import softmax_log_affine_terms
 
 from .base import DiffusionTrainer
 
@@ -32,18 +35,25 @@ def sddlm_loss(
     """logits (B, L, V), x0 (B, L), loss_positions (B, L) bool (noise-replaced and not padding).
     Returns (loss, {"ce": ..., "reg": ..., "corrupted_fraction": ...})."""
     V = logits.shape[-1]
-    probs = logits.float().softmax(-1)  # (B, L, V)
-    p_x = probs.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
-    ce = -torch.log(p_x + eps)
     if regularizer == "mean":
-        reg = torch.log(probs + eps).mean(-1)  # (B, L)
-    elif regularizer == "sampled":
-        negatives = torch.randint(0, V, (*x0.shape, num_negative_samples), generator=generator, device=x0.device)
-        reg = torch.log(probs.gather(-1, negatives) + eps).mean(-1)
-    elif regularizer == "none":
-        reg = torch.zeros_like(ce)
+        # one fused node: S = sum_v log(p_v + eps) and log p[x], recomputing the softmax in backward
+        ones = torch.ones(x0.shape, device=x0.device)
+        S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
+        reg = S / V  # (B, L)
     else:
-        raise ValueError(f"`regularizer` must be 'mean', 'sampled' or 'none', got {regularizer!r}")
+        # log p[x] from the fused cross-entropy kernel; lse = logit[x] - log p[x] for the sampled negatives
+        flat = logits.reshape(-1, V).float()
+        log_p_x = -F.cross_entropy(flat, x0.reshape(-1), reduction="none").view(x0.shape)  # (B, L)
+        lse = logits.gather(-1, x0[..., None]).squeeze(-1).float() - log_p_x
+        if regularizer == "sampled":
+            negatives = torch.randint(0, V, (*x0.shape, num_negative_samples), generator=generator, device=x0.device)
+            log_p_neg = logits.gather(-1, negatives).float() - lse[..., None]  # (B, L, K)
+            reg = torch.log(log_p_neg.exp() + eps).mean(-1)
+        elif regularizer == "none":
+            reg = torch.zeros_like(lse)
+        else:
+            raise ValueError(f"`regularizer` must be 'mean', 'sampled' or 'none', got {regularizer!r}")
+    ce = -torch.log(log_p_x.exp() + eps)  # (B, L)
     m = loss_positions.to(ce.dtype)
     count = m.sum()
     per_token = ce + regularizer_weight * reg
