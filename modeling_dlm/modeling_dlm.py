@@ -40,7 +40,7 @@ from .generation_dlm import (
 from .modeling_dit import DiTLayerNorm, DiTModel, RotaryEmbedding, TimestepEmbedder
 from .noise_schedules import LearnedGammaSchedule, antithetic_times, gaussian_alpha_sigma, get_schedule
 from .scheduling_absorbing import AbsorbingStateScheduler
-from .scheduling_gaussian import GaussianEmbeddingScheduler
+from .scheduling_gaussian import GaussianEmbeddingScheduler, row_stopped_matmul
 from .scheduling_uniform import UniformStateScheduler
 
 
@@ -487,10 +487,7 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         if self.config.output_prior and output_prior_scale:
             with torch.autocast(z.device.type, enabled=False):  # float32 under bf16 autocast: alpha/sigma^2 ~ 20
                 scaled = z * (output_prior_scale * alpha / sigma**2).float()[:, None, None]  # (B, L, d_e)
-                prior = scaled @ E.T  # (B, L, V)
-                if output_prior_stop_gradient is not None and bool(output_prior_stop_gradient.any()):
-                    stopped = scaled @ E.detach().T
-                    prior = torch.where(output_prior_stop_gradient.to(prior.device)[:, None, None], stopped, prior)
+                prior = row_stopped_matmul(scaled, E.T, output_prior_stop_gradient)  # (B, L, V)
             logits = logits.float() + prior
         if return_dict is False:
             return (logits,) if hidden_states is None else (logits, hidden_states)

@@ -20,6 +20,39 @@ import torch
 from .noise_schedules import gaussian_alpha_sigma
 
 
+class _RowStoppedMatmul(torch.autograd.Function):
+    """a @ w, where the leading-dim rows of `a` with keep = 0 send no gradient to w (they still get their own)."""
+
+    @staticmethod
+    def forward(ctx, a, w, keep):
+        ctx.save_for_backward(a, w, keep)
+        return a @ w
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, w, keep = ctx.saved_tensors
+        grad_a = grad @ w.T if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            shape = (-1,) + (1,) * (a.dim() - 1)
+            # mask whichever of `a` and `grad` is smaller (the other one may be a (B, L, V) tensor)
+            if a.shape[-1] <= grad.shape[-1]:
+                a = a * keep.to(a.dtype).view(shape)
+            else:
+                grad = grad * keep.to(grad.dtype).view(shape)
+            grad_w = a.reshape(-1, a.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
+        return grad_a, grad_w, None
+
+
+def row_stopped_matmul(a: torch.Tensor, w: torch.Tensor, stop: torch.Tensor | None) -> torch.Tensor:
+    """`a @ w` for a (B, ..., K) and w (K, N), with the gradient to `w` from the rows where `stop` (B,) is True cut
+    (methods.md §C.3: self-conditioning entries train the network only). One matmul forward, two backward, instead
+    of computing the product twice (with and without `w.detach()`) and selecting rows."""
+    if stop is None or not bool(stop.any()):
+        return a @ w
+    return _RowStoppedMatmul.apply(a, w, (~stop.to(a.device)).to(a.dtype))
+
+
 class GaussianEmbeddingScheduler:
     def __init__(self, embedding_dim: int):
         self.embedding_dim = embedding_dim

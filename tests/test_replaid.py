@@ -423,3 +423,24 @@ def test_trainer_lowers_the_loss_on_real_text_and_resumes_exactly(tmp_path, shak
     # the saved statistics matter: without them step 4 would start again from one reconstruction entry
     assert ReconstructionShareCallback().num_reconstruction(16) == 1 != logged(full, "reconstruction_entries")[-3]
     assert SPLIT_STATE_NAME in json.loads((checkpoint / "dlm_checkpoint.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (4, 3, 7, 5)])  # (B, L, K, N): a narrower or wider than w
+def test_row_stopped_matmul_matches_two_products(shape):
+    """`row_stopped_matmul` = where(stop, a @ w.detach(), a @ w): the same value and gradients, one product."""
+    from modeling_dlm.scheduling_gaussian import row_stopped_matmul
+
+    B, L, K, N = shape
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(B, L, K, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(K, N, generator=g, dtype=torch.float64, requires_grad=True)
+    stop = torch.tensor([False, True, False, True])
+    upstream = torch.randn(B, L, N, generator=g, dtype=torch.float64)
+    out = row_stopped_matmul(a, w, stop)
+    ga, gw = torch.autograd.grad((out * upstream).sum(), (a, w))
+    ref = torch.where(stop[:, None, None], a @ w.detach(), a @ w)
+    ra, rw = torch.autograd.grad((ref * upstream).sum(), (a, w))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gw, rw)
+    assert torch.equal(row_stopped_matmul(a, w, torch.zeros(B, dtype=torch.bool)), a @ w)

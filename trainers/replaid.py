@@ -45,9 +45,11 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from modeling_dlm.noise_schedules import antithetic_times
+from modeling_dlm.scheduling_gaussian import row_stopped_matmul
 
 from .base import DiffusionTrainer
 
@@ -200,13 +202,16 @@ def replaid_training_loss(
                 self_cond[chosen] = first.float().softmax(-1) @ E.detach()
     logits = model(noisy_embeds=z, t=t.float(), gamma=gamma, self_cond=self_cond, attention_mask=row_attention,
                    output_prior_scale=output_prior_scale, output_prior_stop_gradient=~live).logits  # (R, L, V)
-    log_probs = logits.float().log_softmax(-1)
-    recon = -log_probs.gather(-1, input_ids[rows][..., None]).squeeze(-1).double()  # (R, L)
-    probs = log_probs.exp()
+    R, L, V = logits.shape
+    # reconstruction: a cross-entropy on the reconstruction rows only
+    recon_rows = is_recon.nonzero().squeeze(-1)
+    recon_logits = logits.index_select(0, recon_rows).float().reshape(-1, V)
+    recon_targets = input_ids[rows].index_select(0, recon_rows).reshape(-1)
+    recon = torch.zeros(R, L, dtype=torch.float64, device=device).index_put(
+        (recon_rows,), F.cross_entropy(recon_logits, recon_targets, reduction="none").view(-1, L).double())  # (R, L)
     with torch.autocast(device.type, enabled=False):  # float32: bf16 e_hat would bias ||e - e_hat||^2 near t = 0
-        embeds_hat = probs @ E  # (R, L, d_e)
-        if self_cond is not None:
-            embeds_hat = torch.where(live[:, None, None], embeds_hat, probs @ E.detach())
+        probs = logits.float().softmax(-1)  # (R, L, V); on reconstruction rows e_hat meets gamma' = 0
+        embeds_hat = row_stopped_matmul(probs, E, ~live)  # (R, L, d_e); self-conditioning rows: no gradient to E
     diffusion = scheduler.diffusion_loss(row_embeds, embeds_hat, gamma, dgamma)  # (R, L); 0 on t = 0 rows
     gamma_1 = torch.where(live_entry, g1.expand(B), g1.detach().expand(B))  # (B,)
     prior = scheduler.prior_kl(embeds, gamma_1[:, None])  # (B, L)
