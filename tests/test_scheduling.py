@@ -736,3 +736,29 @@ def test_gaussian_ddim_step_is_deterministic_trajectory():
     z_sharp = sched.step(e, z_t, g_t, g_s, ddim=True, score_temperature=0.5)
     e_sharp = (z_t - s_t * eps / 0.5) / a_t
     torch.testing.assert_close(z_sharp, (a_s * e_sharp + s_s * eps / 0.5).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_uniform_terms_in_several_row_chunks(monkeypatch):
+    """The CPU path of the fused node works through cache-sized row chunks: with chunks of 4 rows (the last one
+    partial) it gives the whole-tensor values and gradients."""
+    import modeling_dlm.scheduling_uniform as su
+
+    V, B, L = 37, 3, 5
+    g = gen(11)
+    logits = (3 * torch.randn(B, L, V, generator=g, dtype=F64)).requires_grad_()
+    z, x = torch.randint(0, V, (B, L), generator=g), torch.randint(0, V, (B, L), generator=g)
+    scale, floor = torch.rand(B, L, generator=g, dtype=F64) * V, torch.rand(B, L, generator=g, dtype=F64)
+    weights = [torch.randn(B, L, generator=g, dtype=F64) for _ in range(3)]
+
+    def run():
+        outs = su.softmax_log_affine_terms(logits, z, x, scale, floor)
+        (grad,) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), logits)
+        return [o.detach() for o in outs] + [grad]
+
+    whole = run()
+    monkeypatch.setattr(su, "_CHUNK_ELEMENTS", 4 * V)
+    assert su._row_chunks(B * L, V, logits.device)[1] == 4
+    for a, b in zip(run(), whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    p = logits.detach().softmax(-1)
+    torch.testing.assert_close(whole[0], torch.log(scale[..., None] * p + floor[..., None]).sum(-1))
