@@ -32,10 +32,11 @@ def _sync(device) -> None:
 
 
 def main() -> None:
-    parser = size_parser(__doc__, repeats=2)
+    parser = size_parser(__doc__, repeats=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--variants", nargs="+", default=["duo", "sddlm", "mdlm", "replaid"])
+    parser.add_argument("--variants", nargs="+", default=["duo", "mdlm", "replaid"],
+                        help="sddlm samples exactly like duo (same uniform-state sampler and network)")
     parser.add_argument("--out", default=str(RESULTS / "sampling_throughput.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -44,7 +45,7 @@ def main() -> None:
                                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                          intermediate_size=4 * args.hidden, max_position_embeddings=L + 1,
                                          tie_word_embeddings=False, pad_token_id=0)).to(device).eval()
-    bos = torch.zeros(B, 1, dtype=torch.long, device=device)
+    bos = torch.ones(B, 1, dtype=torch.long, device=device)  # any id but the pad id 0
     models = {}
     for variant in args.variants:
         model = build(variant, args).to(device).eval()
