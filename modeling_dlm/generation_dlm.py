@@ -28,6 +28,8 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
+from .scheduling_gaussian import softmax_matmul
+
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +103,10 @@ class DuoGenerationConfig(UniformGenerationConfig):
 
 
 class MDLMGenerationConfig(DiffusionGenerationConfig):
-    r"""MDLM. `cache_predictions` (default True) reuses x_hat while z_t is unchanged, MDLM's caching sampler: exact,
-    because the network ignores time, and the samples are identical to plain ancestral sampling with the same
-    generator; False calls the network at every step."""
+    r"""MDLM. `cache_predictions` (default True) is MDLM's caching sampler, per sequence: a sequence whose z_t did not
+    change in a step keeps its x_hat, and the network runs only on the sequences that changed (no call at all when
+    none did). Exact, because the network ignores time: the samples are those of plain ancestral sampling with the
+    same generator. False calls the network on the whole batch at every step."""
 
     def __init__(self, **kwargs):
         self.cache_predictions = kwargs.pop("cache_predictions", True)
@@ -133,11 +136,13 @@ class RePlaidGenerationConfig(DiffusionGenerationConfig):
 
 @dataclass
 class DiffusionGenerateOutput(ModelOutput):
-    """`sequences` (B, L) token ids; `trajectory` (num_steps, B, L) drafts if requested; number of network calls."""
+    """`sequences` (B, L) token ids; `trajectory` (num_steps, B, L) drafts if requested; `num_forward_passes`: network
+    calls; `num_forward_sequences`: sequences those calls ran on in total (num_steps x B without MDLM's cache)."""
 
     sequences: torch.LongTensor | None = None
     trajectory: torch.LongTensor | None = None
     num_forward_passes: int | None = None
+    num_forward_sequences: int | None = None
 
 
 def filter_logits(
@@ -351,6 +356,7 @@ class DiffusionLMGenerationMixin:
                 sequences=draft,
                 trajectory=torch.stack(trajectory) if trajectory else None,
                 num_forward_passes=state.get("forward_passes", gen.num_steps),
+                num_forward_sequences=state.get("forward_sequences", gen.num_steps * B),
             )
         return draft
 
@@ -388,20 +394,26 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
         sigma = (-torch.log(alpha_t)).float().expand(B)
         logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits  # (B, L, V)
-        x_hat = self.denoiser_probs(filter_logits(logits, gen.temperature, gen.top_k, gen.top_p), z, alpha_t)
+        # x_hat = softmax(logits) is never written out: the mixture step needs it at z_t and on the rows it draws from
+        logits = self.denoiser_logits(filter_logits(logits, gen.temperature, gen.top_k, gen.top_p), z, alpha_t)
         if is_last and gen.sampler == "greedy_tail":
-            z = x_hat.argmax(-1)
+            z = logits.argmax(-1)
         else:
-            z = self.noise_scheduler.step(x_hat, z, alpha_t, alpha_s, generator=generator)
+            z = self.noise_scheduler.step_from_logits(logits, z, alpha_t, alpha_s, generator=generator)
         state["z"] = torch.where(state["given"], state["canvas"], z)
         return state
 
     def _sampling_tokens(self, state):
         return state["z"]
 
+    def denoiser_logits(self, logits, z_t, alpha_t):
+        """Logits (B, L, V) of x_hat from the filtered network logits, x_hat = softmax(result); variants may calibrate
+        x_hat (SDDLM's carry-over denoiser returns its log-probabilities)."""
+        return logits
+
     def denoiser_probs(self, logits, z_t, alpha_t):
-        """x_hat (B, L, V) from filtered logits; variants may calibrate it (SDDLM's carry-over)."""
-        return logits.softmax(-1)
+        """x_hat (B, L, V) itself (for analysis; sampling works from `denoiser_logits`)."""
+        return self.denoiser_logits(logits, z_t, alpha_t).softmax(-1)
 
 
 class SDDLMGenerationMixin(UniformGenerationMixin):
@@ -413,33 +425,46 @@ class DuoGenerationMixin(UniformGenerationMixin):
 
 
 class MDLMGenerationMixin(DiffusionLMGenerationMixin):
-    """Ancestral unmasking for the absorbing process, reusing x_hat while z_t is unchanged (no time conditioning)."""
+    """Ancestral unmasking for the absorbing process, reusing each sequence's x_hat while its z_t is unchanged."""
 
     generation_config_class = MDLMGenerationConfig
 
     def _sampling_init(self, canvas, given, mask, gen, generator):
         z = self.noise_scheduler.prior_sample(canvas.shape, device=canvas.device)
-        return {"z": torch.where(given, canvas, z), "canvas": canvas, "given": given, "mask": mask, "x_hat": None,
-                "forward_passes": 0}
+        return {"z": torch.where(given, canvas, z), "canvas": canvas, "given": given, "mask": mask, "logits": None,
+                "stale": None, "forward_passes": 0, "forward_sequences": 0}
 
     def _sampling_step(self, state, t, s, is_last, gen, generator):
         z = state["z"]
         sched = self.noise_scheduler
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
-        x_hat = state["x_hat"]
-        if x_hat is None or self.config.time_conditioning or not getattr(gen, "cache_predictions", True):
-            sigma = (-torch.log(alpha_t)).float().expand(z.shape[0])
-            logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits.float()
-            logits[..., sched.mask_token_id] = float("-inf")  # SUBS: never predict the mask (in place: no grad here)
-            x_hat = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p).softmax(-1)  # (B, L, V)
+        # Filtered logits of x_hat = softmax(logits), cached per sequence: the network ignores time, so a sequence
+        # whose z_t did not change since its last call keeps its x_hat exactly (MDLM's caching sampler, per row).
+        logits, stale = state["logits"], state["stale"]
+        if logits is None or self.config.time_conditioning or not getattr(gen, "cache_predictions", True):
+            stale = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        rows = stale.nonzero().squeeze(-1) if logits is not None and not bool(stale.all()) else None  # (n,) or all
+        if rows is None or rows.numel():
+            ids = z if rows is None else z[rows]
+            mask = state["mask"] if state["mask"] is None or rows is None else state["mask"][rows]
+            sigma = (-torch.log(alpha_t)).float().expand(ids.shape[0])
+            fresh = self(input_ids=ids, attention_mask=mask, sigma=sigma).logits.float()  # (n, L, V)
+            fresh[..., sched.mask_token_id] = float("-inf")  # SUBS: never predict the mask (in place: no grad here)
+            fresh = filter_logits(fresh, gen.temperature, gen.top_k, gen.top_p)
+            if rows is None:
+                logits = fresh
+            else:
+                logits[rows] = fresh
             state["forward_passes"] += 1
-            # no carry-over needed: `step` only ever changes masked positions
+            state["forward_sequences"] += ids.shape[0]
+            # no carry-over needed: the step only ever changes masked positions, and softmaxes only the rows it
+            # unmasks (never the whole (B, L, V))
         if is_last and gen.sampler == "greedy_tail":
-            z_s = torch.where(z == sched.mask_token_id, x_hat.argmax(-1), z)
+            z_s = torch.where(z == sched.mask_token_id, logits.argmax(-1), z)
         else:
-            z_s = sched.step(x_hat, z, alpha_t, alpha_s, generator=generator)
+            z_s = sched.step_from_logits(logits, z, alpha_t, alpha_s, generator=generator)
         z_s = torch.where(state["given"], state["canvas"], z_s)
-        state["x_hat"] = x_hat if torch.equal(z_s, z) else None  # cache valid only while nothing changed
+        state["logits"], state["stale"] = logits, (z_s != z).any(-1)  # (B,): rows to recompute at the next step
         state["z"] = z_s
         return state
 
@@ -464,8 +489,7 @@ class RePlaidGenerationMixin(DiffusionLMGenerationMixin):
         gamma_s, _ = self.noise_schedule(s_b)
         out = self(noisy_embeds=state["z"], t=t_b.float(), self_cond=state["self_cond"], attention_mask=state["mask"])
         logits = filter_logits(out.logits, gen.temperature, gen.top_k, gen.top_p)
-        probs = logits.softmax(-1)
-        embeds_hat = probs @ self.normalized_embeddings()  # (B, L, d_e)
+        embeds_hat = softmax_matmul(logits, self.normalized_embeddings())  # (B, L, d_e) = softmax(logits) @ E
         if self.config.self_conditioning:
             state["self_cond"] = embeds_hat
         state["tokens"] = logits.argmax(-1)

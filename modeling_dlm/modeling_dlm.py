@@ -352,11 +352,11 @@ class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
         out = (log_probs + log_noise[..., None]).scatter(-1, z_t[..., None], log_at_z[..., None])
         return out - log_norm[..., None]
 
-    def denoiser_probs(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """x_hat for the sampler: the same denoiser as the ELBO, applied to the (filtered) logits."""
+    def denoiser_logits(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """Logits of x_hat for the sampler: the same denoiser as the ELBO, applied to the (filtered) logits."""
         if self.config.elbo_denoiser == "raw":
-            return logits.softmax(-1)  # one pass: the sampling hot path
-        return self.elbo_log_probs(logits, z_t, alpha.reshape(1)).exp()
+            return logits  # nothing (B, L, V) to compute: the sampling hot path
+        return self.elbo_log_probs(logits, z_t, alpha.reshape(1))  # normalised log-probabilities
 
 
 class DuoForDiffusionLM(UniformDiffusionLM, DuoGenerationMixin):

@@ -70,6 +70,21 @@ class AbsorbingStateScheduler:
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Draw z_s; x_hat (B, L, V) are clean-token probabilities with no mass on the mask token."""
+        return self._unmask_step(lambda rows: x_hat[rows], z_t, alpha_t, alpha_s, generator)
+
+    def step_from_logits(
+        self,
+        logits: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        alpha_s: torch.Tensor | float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """`step(logits.softmax(-1), z_t, ...)` (the same draws and result; the mask logit must already be -inf)
+        with the softmax computed only on the rows that are unmasked in this step, not on all (B, L, V)."""
+        return self._unmask_step(lambda rows: logits[rows].softmax(-1), z_t, alpha_t, alpha_s, generator)
+
+    def _unmask_step(self, x_hat_rows, z_t, alpha_t, alpha_s, generator) -> torch.Tensor:
         a_t = _as_column(alpha_t, z_t, torch.float64)
         a_s = _as_column(alpha_s, z_t, torch.float64)
         p_unmask = ((a_s - a_t) / (1 - a_t)).expand(z_t.shape)  # (B, L)
@@ -79,8 +94,13 @@ class AbsorbingStateScheduler:
         z_s = z_t.clone()
         rows = reveal.nonzero(as_tuple=True)
         if rows[0].numel():
-            z_s[rows] = sample_from_probs(x_hat[rows], generator)
+            z_s[rows] = sample_from_probs(x_hat_rows(rows), generator)
         return z_s
+
+    @staticmethod
+    def nelbo_weight(alpha_t, dalpha_t, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """alpha'_t / (1 - alpha_t) (<= 0), broadcastable against (B, L) `like`."""
+        return _as_column(dalpha_t, like, dtype) / (1 - _as_column(alpha_t, like, dtype)).clamp(min=1e-12)
 
     def nelbo_per_token_from_logits(
         self,
@@ -100,9 +120,7 @@ class AbsorbingStateScheduler:
         picked = logits.reshape(-1, V).index_select(0, rows).to(dtype)  # (N, V), a fresh tensor
         picked.index_fill_(-1, torch.tensor([self.mask_token_id], device=logits.device), float("-inf"))  # SUBS
         log_p_x = -F.cross_entropy(picked, x0.reshape(-1).index_select(0, rows), reduction="none")  # (N,)
-        alpha = _as_column(alpha_t, x0, dtype).expand(B, L).reshape(-1).index_select(0, rows)
-        dalpha = _as_column(dalpha_t, x0, dtype).expand(B, L).reshape(-1).index_select(0, rows)
-        weight = dalpha / (1 - alpha).clamp(min=1e-12)
+        weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype).expand(B, L).reshape(-1).index_select(0, rows)
         out = torch.zeros(B * L, dtype=dtype, device=logits.device)
         return out.index_put((rows,), weight * log_p_x).view(B, L)
 
@@ -116,10 +134,8 @@ class AbsorbingStateScheduler:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """(alpha' / (1 - alpha)) log x_theta[x] at masked positions, 0 elsewhere; (B, L)."""
-        alpha = _as_column(alpha_t, x0, dtype)
-        dalpha = _as_column(dalpha_t, x0, dtype)
         masked = z_t == self.mask_token_id
         log_p_x = log_x_theta.gather(-1, x0[..., None]).squeeze(-1).to(dtype)  # (B, L)
         log_p_x = torch.where(masked, log_p_x, torch.zeros_like(log_p_x))  # avoids 0 * -inf at carried positions
-        weight = dalpha / (1 - alpha).clamp(min=1e-12)
+        weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype)
         return torch.where(masked, weight * log_p_x, torch.zeros_like(log_p_x))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .noise_schedules import gaussian_alpha_sigma
+from .scheduling_uniform import _row_chunks
 
 
 class _RowStoppedMatmul(torch.autograd.Function):
@@ -51,6 +52,18 @@ def row_stopped_matmul(a: torch.Tensor, w: torch.Tensor, stop: torch.Tensor | No
     if stop is None or not bool(stop.any()):
         return a @ w
     return _RowStoppedMatmul.apply(a, w, (~stop.to(a.device)).to(a.dtype))
+
+
+def softmax_matmul(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """softmax(logits, -1) @ weight for logits (..., V) and weight (V, d), without writing the (..., V) softmax on CPU:
+    the rows go through in cache-sized chunks (one chunk on accelerators). No autograd (sampling only)."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    out = torch.empty(flat.shape[0], weight.shape[-1], dtype=weight.dtype, device=logits.device)
+    starts, step = _row_chunks(flat.shape[0], V, logits.device)
+    for i in starts:
+        torch.matmul(torch.softmax(flat[i:i + step], dim=-1).to(weight.dtype), weight, out=out[i:i + step])
+    return out.view(*logits.shape[:-1], weight.shape[-1])
 
 
 class GaussianEmbeddingScheduler:

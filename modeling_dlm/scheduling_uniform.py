@@ -97,6 +97,24 @@ class UniformStateScheduler:
         """Draw z_s ~ q(z_s | z_t, x_hat). x_hat (B, L, V) holds probabilities (after any temperature/top-k/top-p
         filtering, which acts on x_hat, never on the posterior); z_t (B, L). Returns z_s (B, L)."""
         x_hat_z = x_hat.gather(-1, z_t[..., None]).squeeze(-1)  # (B, L)
+        return self._mixture_step(x_hat_z, lambda rows: x_hat[rows], z_t, alpha_t, alpha_s, generator)
+
+    def step_from_logits(
+        self,
+        logits: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        alpha_s: torch.Tensor | float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """`step(logits.softmax(-1), z_t, ...)` (the same random draws, the same z_s) without writing the (B, L, V)
+        softmax: the mixture weights need x_hat only at z_t (a row-chunked softmax, `softmax_gather`), and whole rows
+        of x_hat only where the mixture picks x_hat. This is the sampling hot path (methods.md §H.1)."""
+        x_hat_z = softmax_gather(logits, z_t)  # (B, L)
+        return self._mixture_step(x_hat_z, lambda rows: logits[rows].softmax(-1), z_t, alpha_t, alpha_s, generator)
+
+    def _mixture_step(self, x_hat_z, x_hat_rows, z_t, alpha_t, alpha_s, generator) -> torch.Tensor:
+        """The three-part mixture draw; `x_hat_rows(rows)` returns x_hat (N, V) at the N positions that pick it."""
         w_copy, w_x_hat, w_uniform = self.mixture_weights(x_hat_z, alpha_t, alpha_s)
         total = w_copy + w_x_hat + w_uniform
         u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64) * total
@@ -106,7 +124,7 @@ class UniformStateScheduler:
         z_s = z_t.clone()
         rows = pick_x_hat.nonzero(as_tuple=True)
         if rows[0].numel():
-            z_s[rows] = sample_from_probs(x_hat[rows], generator)
+            z_s[rows] = sample_from_probs(x_hat_rows(rows), generator)
         uniform = torch.randint(0, self.vocab_size, z_t.shape, generator=generator, device=z_t.device)
         return torch.where(pick_uniform, uniform, z_s)
 
@@ -217,6 +235,19 @@ def _row_chunks(num_rows: int, vocab_size: int, device: torch.device) -> tuple[r
     (B, L, V) passes at V = 50k), a single chunk on accelerators (one kernel per op)."""
     step = max(1, _CHUNK_ELEMENTS // vocab_size) if device.type == "cpu" else max(1, num_rows)
     return range(0, num_rows, step), step
+
+
+def softmax_gather(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """softmax(logits, -1).gather(-1, index[..., None]).squeeze(-1) for logits (..., V) and index (...), in the logits'
+    dtype, without writing the softmax: the rows go through in cache-sized chunks on CPU (one chunk on accelerators),
+    so only a (chunk, V) temporary exists. The values are those of the full softmax (it is computed row by row)."""
+    V = logits.shape[-1]
+    flat, idx = logits.reshape(-1, V), index.reshape(-1, 1)
+    out = torch.empty(flat.shape[0], dtype=logits.dtype, device=logits.device)
+    starts, step = _row_chunks(flat.shape[0], V, logits.device)
+    for i in starts:
+        out[i:i + step] = torch.softmax(flat[i:i + step], dim=-1).gather(-1, idx[i:i + step]).squeeze(-1)
+    return out.view(index.shape)
 
 
 class _UniformELBOTerms(torch.autograd.Function):

@@ -856,6 +856,27 @@ def test_mdlm_cache_matches_uncached_sampling(batch):
         model.generate(input_ids=batch[:, :2], max_new_tokens=5, num_steps=4, cache_predictions="yes")
 
 
+def test_mdlm_cache_is_per_sequence():
+    """The cache works per sequence: the network runs only on the rows whose z_t changed in the last step (a row
+    subset of the batch, so no call is skipped just because another sequence changed), the samples equal plain
+    ancestral sampling, and `num_forward_sequences` counts exactly the rows the network saw."""
+    model = tiny_model("mdlm")
+    rows_seen = []
+    handle = model.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    B, steps = 4, 24
+    cached = model.generate(batch_size=B, max_new_tokens=6, num_steps=steps, generator=gen(3),
+                            return_dict_in_generate=True)
+    handle.remove()
+    uncached = model.generate(batch_size=B, max_new_tokens=6, num_steps=steps, generator=gen(3),
+                              return_dict_in_generate=True, cache_predictions=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert uncached.num_forward_sequences == B * steps and uncached.num_forward_passes == steps
+    assert cached.num_forward_passes == len(rows_seen) and cached.num_forward_sequences == sum(rows_seen)
+    assert rows_seen[0] == B and any(0 < n < B for n in rows_seen)  # partial batches were run
+    assert cached.num_forward_sequences < B * cached.num_forward_passes  # what a batch-wide cache would have run
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # filter_logits
 # ---------------------------------------------------------------------------------------------------------------------

@@ -762,3 +762,45 @@ def test_fused_uniform_terms_in_several_row_chunks(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     p = logits.detach().softmax(-1)
     torch.testing.assert_close(whole[0], torch.log(scale[..., None] * p + floor[..., None]).sum(-1))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_steps_from_logits_equal_steps_from_softmax(monkeypatch, chunk_rows, dtype):
+    """The samplers' hot path never writes softmax(logits): `step_from_logits` must draw exactly what `step` draws
+    from the full softmax (same generator state -> same z_s), for the uniform mixture and for MDLM's unmasking,
+    also when the row-chunked softmax runs in several chunks (the last one partial); `softmax_gather` and
+    `softmax_matmul` must give the full-softmax values."""
+    import modeling_dlm.scheduling_gaussian as sg
+    import modeling_dlm.scheduling_uniform as su
+
+    V, B, L = 29, 4, 7
+    if chunk_rows:
+        monkeypatch.setattr(su, "_CHUNK_ELEMENTS", chunk_rows * V)
+    g = gen(5)
+    logits = 4 * torch.randn(B, L, V, generator=g, dtype=dtype)
+    z_t = torch.randint(0, V, (B, L), generator=g)
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(su.softmax_gather(logits, z_t), probs.gather(-1, z_t[..., None]).squeeze(-1),
+                               rtol=0, atol=0)
+    E = torch.randn(V, 5, generator=g, dtype=dtype)
+    torch.testing.assert_close(sg.softmax_matmul(logits, E), probs @ E)
+    uniform = UniformStateScheduler(V)
+    changed = 0
+    for seed, (a_t, a_s) in enumerate([(0.05, 0.3), (0.5, 0.6), (0.9, 1.0), (torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.8)]):
+        expected = uniform.step(probs, z_t, a_t, a_s, generator=gen(seed))
+        got = uniform.step_from_logits(logits, z_t, a_t, a_s, generator=gen(seed))
+        assert torch.equal(got, expected), (a_t, a_s)
+        changed += int((got != z_t).sum())
+    assert changed > 0  # the comparison covered real draws
+    mask_id = V - 1
+    absorbing = AbsorbingStateScheduler(V, mask_id)
+    subs_logits = logits.clone()
+    subs_logits[..., mask_id] = float("-inf")
+    z_m = torch.where(torch.rand(B, L, generator=g) < 0.7, torch.full_like(z_t, mask_id), z_t.clamp(max=V - 2))
+    for seed, (a_t, a_s) in enumerate([(0.1, 0.5), (0.5, 1.0)]):
+        expected = absorbing.step(subs_logits.softmax(-1), z_m, a_t, a_s, generator=gen(seed))
+        got = absorbing.step_from_logits(subs_logits, z_m, a_t, a_s, generator=gen(seed))
+        assert torch.equal(got, expected)
+        assert (got != z_m).any() and not (got[z_m != mask_id] != z_m[z_m != mask_id]).any()
+        assert (got[got != z_m] != mask_id).all()

@@ -41,16 +41,16 @@ def sddlm_loss(
         S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
         reg = S / V  # (B, L)
     else:
-        # log p[x] from the fused cross-entropy kernel; lse = logit[x] - log p[x] for the sampled negatives
+        # log p[x] from the fused cross-entropy kernel
         flat = logits.reshape(-1, V).float()
         log_p_x = -F.cross_entropy(flat, x0.reshape(-1), reduction="none").view(x0.shape)  # (B, L)
-        lse = logits.gather(-1, x0[..., None]).squeeze(-1).float() - log_p_x
         if regularizer == "sampled":
+            lse = logits.gather(-1, x0[..., None]).squeeze(-1).float() - log_p_x  # logit[x] - log p[x]
             negatives = torch.randint(0, V, (*x0.shape, num_negative_samples), generator=generator, device=x0.device)
             log_p_neg = logits.gather(-1, negatives).float() - lse[..., None]  # (B, L, K)
             reg = torch.log(log_p_neg.exp() + eps).mean(-1)
         elif regularizer == "none":
-            reg = torch.zeros_like(lse)
+            reg = torch.zeros_like(log_p_x)
         else:
             raise ValueError(f"`regularizer` must be 'mean', 'sampled' or 'none', got {regularizer!r}")
     ce = -torch.log(log_p_x.exp() + eps)  # (B, L)
