@@ -61,7 +61,7 @@ def bench_variant(variant: str, args) -> dict:
     start_z = state["z"].clone()
 
     def step():
-        state["z"], state["x_hat"] = start_z, None  # the same input every time; no cache hit for MDLM
+        state["z"], state["logits"] = start_z, None  # the same input every time; no cache hit for MDLM
         if variant == "replaid":
             state["self_cond"] = None
         model._sampling_step(state, t, s, False, gen, g)
