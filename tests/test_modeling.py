@@ -862,8 +862,9 @@ def test_mdlm_cache_is_per_sequence():
     ancestral sampling, and `num_forward_sequences` counts exactly the rows the network saw."""
     model = tiny_model("mdlm")
     rows_seen = []
-    handle = model.register_forward_hook(lambda module, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]),
-                                         with_kwargs=True)
+    handle = model.register_forward_hook(
+        lambda module, args, kwargs, out: rows_seen.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     B, steps = 4, 24
     cached = model.generate(batch_size=B, max_new_tokens=6, num_steps=steps, generator=gen(3),
                             return_dict_in_generate=True)

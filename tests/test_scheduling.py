@@ -787,7 +787,8 @@ def test_steps_from_logits_equal_steps_from_softmax(monkeypatch, chunk_rows, dty
     torch.testing.assert_close(sg.softmax_matmul(logits, E), probs @ E)
     uniform = UniformStateScheduler(V)
     changed = 0
-    for seed, (a_t, a_s) in enumerate([(0.05, 0.3), (0.5, 0.6), (0.9, 1.0), (torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.8)]):
+    times = [(0.05, 0.3), (0.5, 0.6), (0.9, 1.0), (torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.8)]
+    for seed, (a_t, a_s) in enumerate(times):
         expected = uniform.step(probs, z_t, a_t, a_s, generator=gen(seed))
         got = uniform.step_from_logits(logits, z_t, a_t, a_s, generator=gen(seed))
         assert torch.equal(got, expected), (a_t, a_s)
