@@ -1,6 +1,7 @@
 """Cost of one denoising step against a bare forward pass of the same network, measured side by side.
 
     python bench/sampling_step.py [--vocab 50258 --batch 8 --seq 128 --hidden 256 --layers 4 --heads 4 --repeats 7]
+    python bench/sampling_step.py --profile replaid      # operator table of one step
 
 For each variant, one "step" is exactly what `generate` does per step (network call + filtering + the noise process
 step); the "forward" is `model(...)` alone under `torch.no_grad()`. The two are timed interleaved, and the ratio of
@@ -35,7 +36,8 @@ def build(variant: str, args):
     return model
 
 
-def bench_variant(variant: str, args) -> dict:
+def make_fns(variant: str, args):
+    """(forward, step): a bare network call, and one sampling step as `generate` runs it, on the same input."""
     model = build(variant, args)
     B, L = args.batch, args.seq
     gen = model.generation_config_class(num_steps=args.steps, max_new_tokens=L)
@@ -66,6 +68,11 @@ def bench_variant(variant: str, args) -> dict:
             state["self_cond"] = None
         model._sampling_step(state, t, s, False, gen, g)
 
+    return forward, step
+
+
+def bench_variant(variant: str, args) -> dict:
+    forward, step = make_fns(variant, args)
     with torch.no_grad():
         forward(), step()  # warm-up
         f_times, s_times = [], []
@@ -97,13 +104,27 @@ def bench_mdlm_cache(args) -> dict:
     }
 
 
+def profile(variant: str, args) -> None:
+    """Operator table of one sampling step (everything beyond the forward is what the step adds)."""
+    _, step = make_fns(variant, args)
+    with torch.no_grad():
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
 def main() -> None:
     parser = size_parser(__doc__, repeats=7)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--variants", nargs="+", default=["duo", "sddlm", "mdlm", "replaid"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling_step.json"))
+    parser.add_argument("--profile", default=None, help="print the operator profile of one step of this variant")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.profile is not None:
+        profile(args.profile, args)
+        return
     rows = [bench_variant(v, args) for v in args.variants]
     cache = bench_mdlm_cache(args)
     header = f"{'variant':<8} {'forward s':>10} {'step s':>10} {'step/forward':>13}"
