@@ -126,44 +126,62 @@ class SDDLMConfig(DiffusionLMConfig):
     r"""Uniform-state diffusion trained with the simple denoising loss (methods.md §A).
 
     The training objective is cross-entropy on noise-replaced tokens plus a regularizer against collapse to uniform
-    outputs; likelihood is still evaluated with the uniform-state ELBO (§B.3.1). Several details are UNVERIFIED in
-    the sources, so they are options (defaults documented in the README):
+    outputs; likelihood is still evaluated with the uniform-state ELBO (§B.3.1), with the network's softmax as the
+    denoiser. That is the right plug-in: the ELBO is minimised position by position by the leave-one-out predictive
+    p(x^l | z_t^{-l}) (the reverse step q(z_s | z_t, x_hat) already multiplies in the likelihood of z_t^l), and
+    cross-entropy on every resampled position learns exactly that predictive (methods.md §A.3.7). Several details
+    are UNVERIFIED in the sources, so they are options (defaults documented in the README):
 
     Args:
-        loss_mask: which positions carry the loss: `"changed"` (z_t != x, the third-party transcription, default) or
-            `"resampled"` (every position the forward process resampled, including the 1/V coincidences).
-        regularizer: `"mean"` (exact uniform expectation, the mean log-probability over the vocabulary; the
-            efficient v2-style form, default), `"sampled"` (v1 negative samples) or `"none"`.
+        loss_mask: which positions carry the loss: `"resampled"` (default: every position the forward process
+            resampled, the paper's "noise-replaced tokens", including the 1/V draws that land on x; trains the ELBO
+            optimum) or `"changed"` (z_t != x, the third-party transcription; removes from z_t^l the mass that the
+            ELBO needs).
+        regularizer: `"hinge"` (default: R = relu(margin - KL(U || p)), zero unless a prediction is within
+            `regularizer_margin` nats of uniform, so it penalises a collapse to uniform and nothing else), `"mean"`
+            (the mean log-probability over the vocabulary, the efficient v2-style guess: its optimum truncates every
+            token below lambda / V, which at small V destroys the bound), `"sampled"` (v1 negative samples) or
+            `"none"`. See `trainers/sddlm.py` for the optimum of each form.
         regularizer_weight: lambda in L = CE + lambda * R (1.0 matches v1).
+        regularizer_margin: the hinge's margin in nats of KL(U || p) (0.05).
+        loss_normalization: `"batch"` (the transcription: the sum over the batch's loss positions divided by their
+            count, so a time t weighs in proportion to its 1 - alpha_t) or `"sequence"` (a mean over each sequence's
+            loss positions, then over sequences: every t weighs the same, as in the ELBO's time integral).
         num_negative_samples: uniform negatives per position for `regularizer="sampled"` (v1 default 1).
         regularizer_eps: epsilon added to probabilities before the log (1e-6, as in the v1 transcription).
-        elbo_denoiser: the denoiser plugged into the uniform-state ELBO and the sampler. `"raw"` (default) uses the
-            network's softmax as is; `"bayes"` combines it with the forward kernel by Bayes' rule (see
-            `SDDLMForDiffusionLM`), which is exact for a calibrated network but amplifies its tail errors by
-            ~alpha V / (1 - alpha). Any choice yields a valid bound; the sources do not say which the paper used
-            (UNVERIFIED). Measured (README): "raw" is far tighter at V = 50k, "bayes" somewhat tighter at V = 12.
     """
 
     model_type = "sddlm"
 
-    loss_mask: str = "changed"
-    regularizer: str = "mean"
+    loss_mask: str = "resampled"
+    regularizer: str = "hinge"
     regularizer_weight: float = 1.0
+    regularizer_margin: float = 0.05
+    loss_normalization: str = "batch"
     num_negative_samples: int = 1
     regularizer_eps: float = 1e-6
-    elbo_denoiser: str = "raw"
 
     def __post_init__(self, **kwargs):
-        _check_numbers(self, ("regularizer_weight", "regularizer_eps"))
+        # `elbo_denoiser` existed until dlm 0.1: "raw" is what every model now does; "bayes" was wrong (it conditions
+        # on z_t^l twice), so a checkpoint that asks for it cannot be reproduced and is refused.
+        legacy = kwargs.pop("elbo_denoiser", getattr(self, "elbo_denoiser", "raw"))
+        _check(legacy == "raw",
+               f"`elbo_denoiser={legacy!r}` is no longer supported: the Bayes-rule denoiser counts z_t^l twice "
+               f"and does not minimise the uniform-state ELBO; SDDLM always plugs the network's softmax into the "
+               f"ELBO (remove the field from config.json)")
+        if hasattr(self, "elbo_denoiser"):
+            del self.elbo_denoiser
+        _check_numbers(self, ("regularizer_weight", "regularizer_eps", "regularizer_margin"))
         _check(self.loss_mask in ("changed", "resampled"),
                f"`loss_mask` must be 'changed' or 'resampled', got {self.loss_mask!r}")
-        _check(self.regularizer in ("mean", "sampled", "none"),
-               f"`regularizer` must be 'mean', 'sampled' or 'none', got {self.regularizer!r}")
+        _check(self.regularizer in ("hinge", "mean", "sampled", "none"),
+               f"`regularizer` must be 'hinge', 'mean', 'sampled' or 'none', got {self.regularizer!r}")
+        _check(self.loss_normalization in ("batch", "sequence"),
+               f"`loss_normalization` must be 'batch' or 'sequence', got {self.loss_normalization!r}")
+        _check(self.regularizer_margin >= 0, f"`regularizer_margin` must be >= 0, got {self.regularizer_margin!r}")
         _check(self.regularizer_weight >= 0, f"`regularizer_weight` must be >= 0, got {self.regularizer_weight!r}")
         _check(isinstance(self.num_negative_samples, int) and self.num_negative_samples >= 1,
                f"`num_negative_samples` must be a positive integer, got {self.num_negative_samples!r}")
-        _check(self.elbo_denoiser in ("bayes", "raw"),
-               f"`elbo_denoiser` must be 'bayes' or 'raw', got {self.elbo_denoiser!r}")
         _check(self.regularizer_eps >= 0, f"`regularizer_eps` must be >= 0, got {self.regularizer_eps!r}")
         _check(self.time_conditioning, "uniform-state models must condition on time: `time_conditioning=False` "
                                        "is not allowed for SDDLM")

@@ -395,7 +395,7 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
         sigma = (-torch.log(alpha_t)).float().expand(B)
         logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits  # (B, L, V)
         # x_hat = softmax(logits) is never written out: the mixture step needs it at z_t and on the rows it draws from
-        logits = self.denoiser_logits(filter_logits(logits, gen.temperature, gen.top_k, gen.top_p), z, alpha_t)
+        logits = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p)
         if is_last and gen.sampler == "greedy_tail":
             z = logits.argmax(-1)
         else:
@@ -405,15 +405,6 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
 
     def _sampling_tokens(self, state):
         return state["z"]
-
-    def denoiser_logits(self, logits, z_t, alpha_t):
-        """Logits (B, L, V) of x_hat from the filtered network logits, x_hat = softmax(result); variants may calibrate
-        x_hat (SDDLM's carry-over denoiser returns its log-probabilities)."""
-        return logits
-
-    def denoiser_probs(self, logits, z_t, alpha_t):
-        """x_hat (B, L, V) itself (for analysis; sampling works from `denoiser_logits`)."""
-        return self.denoiser_logits(logits, z_t, alpha_t).softmax(-1)
 
 
 class SDDLMGenerationMixin(UniformGenerationMixin):

@@ -325,38 +325,17 @@ class UniformDiffusionLM(DiscreteDiffusionLM):
 
 
 class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
-    """SDDLM: the network is trained on noise-replaced positions only.
+    """SDDLM: the network is trained on noise-replaced positions only (`trainers/sddlm.py`).
 
-    Trained on resampled positions, whose token z_t^l is independent of x^l, the network learns p(x^l | z_t^{-l}),
-    the clean token given the *rest* of the sequence. Any denoiser gives a valid ELBO; the exact posterior given
-    z_t follows from Bayes' rule with the forward kernel q(z_t^l | x^l = v) = alpha_t 1[v = z_t^l] + (1 - alpha_t)/V:
-        x_hat(v) proportional to x_theta(v) (alpha_t 1[v = z_t^l] + (1 - alpha_t) / V)
-    `config.elbo_denoiser="bayes"` plugs this x_hat into the ELBO and the sampler; `"raw"` (default) uses x_theta,
-    which is tighter in practice: an imperfect network's tail mass on z_t gets multiplied by ~alpha V / (1 - alpha).
+    A resampled token z_t^l is independent of x^l, so cross-entropy on every resampled position teaches the network
+    p(x^l | z_t^{-l}), the clean token given the *rest* of the sequence: the leave-one-out predictive that minimises
+    the uniform-state ELBO position by position (methods.md §A.3.7). Its softmax is therefore plugged into the ELBO
+    and the sampler as is, exactly like Duo's; the reverse step q(z_s | z_t, x_hat) multiplies in the likelihood of
+    z_t^l itself.
     """
 
     config_class = SDDLMConfig
     generation_config_class = SDDLMGenerationConfig
-
-    def elbo_log_probs(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        log_probs = logits.float().log_softmax(-1)  # (B, L, V)
-        if self.config.elbo_denoiser == "raw":
-            return log_probs
-        V = self.config.vocab_size
-        a = alpha.float().reshape(-1, 1)  # (B, 1)
-        log_noise = torch.log((1 - a) / V)  # kernel weight of v != z_t
-        log_z = log_probs.gather(-1, z_t[..., None]).squeeze(-1)  # (B, L)
-        log_at_z = log_z + torch.log(a + (1 - a) / V)
-        # normaliser: sum_v x_theta(v) (1 - a)/V + x_theta(z) a
-        log_norm = torch.logaddexp(log_noise.expand_as(log_z), log_z + torch.log(a))
-        out = (log_probs + log_noise[..., None]).scatter(-1, z_t[..., None], log_at_z[..., None])
-        return out - log_norm[..., None]
-
-    def denoiser_logits(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """Logits of x_hat for the sampler: the same denoiser as the ELBO, applied to the (filtered) logits."""
-        if self.config.elbo_denoiser == "raw":
-            return logits  # nothing (B, L, V) to compute: the sampling hot path
-        return self.elbo_log_probs(logits, z_t, alpha.reshape(1))  # normalised log-probabilities
 
 
 class DuoForDiffusionLM(UniformDiffusionLM, DuoGenerationMixin):

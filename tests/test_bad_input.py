@@ -31,6 +31,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from modeling_dlm import SDDLMConfig
 from trainers import TRAINERS, DiffusionTrainingArguments, cli
 from trainers.data import build_datasets
 
@@ -151,7 +152,8 @@ CASES = [
       lambda e: tiny_config("duo", noise_schedule="linear")),
     C("config-sddlm-unknown-loss-mask", ValueError, r"`loss_mask` must be 'changed' or 'resampled', got 'all'",
       lambda e: tiny_config("sddlm", loss_mask="all")),
-    C("config-sddlm-unknown-regularizer", ValueError, r"`regularizer` must be 'mean', 'sampled' or 'none', got 'l2'",
+    C("config-sddlm-unknown-regularizer", ValueError,
+      r"`regularizer` must be 'hinge', 'mean', 'sampled' or 'none', got 'l2'",
       lambda e: tiny_config("sddlm", regularizer="l2")),
     C("config-sddlm-negative-samples-zero", ValueError, r"`num_negative_samples` must be a positive integer, got 0",
       lambda e: tiny_config("sddlm", num_negative_samples=0)),
@@ -346,6 +348,15 @@ CASES = [
     C("cli-flag-of-wrong-type", None, r"^dlm train: error: argument --seq_len.*invalid int value: 'abc'",
       lambda e: ["train", "--seq_len", "abc"]),
     C("cli-unknown-flag", None, r"^dlm train: error: .*not used .*'--bogus'", lambda e: ["train", "--bogus", "1"]),
+    C("cli-max-steps-zero", None, r"^dlm train: error: `max_steps` must be a positive number of optimizer steps",
+      lambda e: ["train", "--max_steps", "0"]),
+    C("args-output-prior-warmup-too-long", ValueError,
+      r"`output_prior_warmup_steps`=5000 must be smaller than `max_steps`=240",
+      lambda e: args(e.root, max_steps=240, output_prior_warmup_steps=5000)),
+    C("config-sddlm-bayes-denoiser", ValueError, r"`elbo_denoiser='bayes'` is no longer supported",
+      lambda e: SDDLMConfig(elbo_denoiser="bayes")),
+    C("config-sddlm-negative-margin", ValueError, r"`regularizer_margin` must be >= 0, got -0\.1",
+      lambda e: SDDLMConfig(regularizer_margin=-0.1)),
     C("cli-bad-training-argument", None, r"^dlm train: error: `ema_decay` must be in \[0, 1\), got 1\.5",
       lambda e: ["train", "--ema_decay", "1.5"]),
     C("cli-missing-config-file", None, r"^dlm train: error: --config file not found: .*nope\.json",

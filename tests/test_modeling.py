@@ -943,22 +943,18 @@ def test_ignored_autoregressive_kwargs_are_accepted(batch):
     assert torch.equal(a, b)
 
 
-def test_sddlm_bayes_denoiser_matches_brute_force_bayes_rule():
-    """x_hat(v) ∝ x_theta(v) q(z_t | x = v), q(z | v) = alpha 1[v = z] + (1 - alpha) / V, in log and prob space."""
-    model = tiny_model("sddlm", elbo_denoiser="bayes")
+def test_sddlm_plugs_the_raw_softmax_into_the_elbo_and_refuses_the_old_bayes_denoiser(tmp_path):
+    """SDDLM's ELBO denoiser is the network's softmax (the leave-one-out predictive, tests/test_sddlm.py); a
+    config.json that still asks for the removed Bayes-rule denoiser is refused with a clear error."""
+    model = tiny_model("sddlm")
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(2, 5, VOCAB, generator=g, dtype=torch.float64).float()
+    logits = torch.randn(2, 5, VOCAB, generator=g)
     z_t = torch.randint(0, VOCAB, (2, 5), generator=g)
-    alpha = torch.tensor([0.3, 0.9])
-    log_x_hat = model.elbo_log_probs(logits, z_t, alpha)
-    x_theta = logits.double().softmax(-1)
-    kernel = (1 - alpha.double())[:, None, None] / VOCAB + alpha.double()[:, None, None] * torch.nn.functional.one_hot(
-        z_t, VOCAB).double()
-    expected = x_theta * kernel
-    expected = expected / expected.sum(-1, keepdim=True)
-    torch.testing.assert_close(log_x_hat.double().exp(), expected, atol=1e-6, rtol=1e-5)
-    for b in range(2):
-        probs = model.denoiser_probs(logits[b : b + 1], z_t[b : b + 1], alpha[b])
-        torch.testing.assert_close(probs.double(), expected[b : b + 1], atol=1e-6, rtol=1e-5)
-    model.config.elbo_denoiser = "raw"
-    torch.testing.assert_close(model.elbo_log_probs(logits, z_t, alpha), logits.log_softmax(-1))
+    torch.testing.assert_close(model.elbo_log_probs(logits, z_t, torch.tensor([0.3, 0.9])), logits.log_softmax(-1))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "elbo_denoiser" not in config
+    config["elbo_denoiser"] = "bayes"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="elbo_denoiser='bayes'.* no longer supported"):
+        type(model).from_pretrained(tmp_path)

@@ -283,12 +283,26 @@ def test_self_conditioning_entries_train_only_the_network():
 # ---------------------------------------------------------------------------------------------------------------------
 def test_output_prior_warmup(tmp_path):
     model = tiny_model("replaid")
-    trainer = RePlaidTrainer(model=model, args=training_args(tmp_path, output_prior_warmup_steps=100))
+    trainer = RePlaidTrainer(model=model, args=training_args(tmp_path, output_prior_warmup_steps=100, max_steps=300))
     scales = []
     for step in (0, 25, 100, 250):
         trainer.state.global_step = step
         scales.append(trainer.output_prior_scale())
     assert scales == [0.0, 0.25, 1.0, 1.0]
+    # the default is a fraction of the run (5%), not Plaid's absolute 5000 steps
+    default = RePlaidTrainer(model=model, args=training_args(tmp_path, max_steps=240))
+    assert default.output_prior_warmup() == 12
+    default.state.global_step = 6
+    assert default.output_prior_scale() == 0.5
+    default.state.global_step = 120  # mid-run: full weight, as evaluation uses
+    assert default.output_prior_scale() == 1.0
+    ratio = RePlaidTrainer(model=model, args=training_args(tmp_path, max_steps=1000, output_prior_warmup_ratio=0.2))
+    assert ratio.output_prior_warmup() == 200
+    # a warm-up as long as the run never reaches the weight evaluation uses: refused
+    with pytest.raises(ValueError, match="output_prior_warmup_steps.*max_steps"):
+        training_args(tmp_path, output_prior_warmup_steps=6, max_steps=6)
+    with pytest.raises(ValueError, match="output_prior_warmup_ratio"):
+        training_args(tmp_path, output_prior_warmup_ratio=1.0)
     off = RePlaidTrainer(model=model, args=training_args(tmp_path, output_prior_warmup_steps=0))
     assert off.output_prior_scale() == 1.0
     # the scale weights the analytic logit term linearly

@@ -313,3 +313,38 @@ def test_unigram_entropy():
     assert unigram_entropy(torch.tensor([[3, 3, 3, 3]])) == 0.0
     expected = (math.log(4) + math.log(2)) / 2
     assert unigram_entropy(torch.tensor([[0, 1, 2, 3], [5, 5, 6, 6]])) == pytest.approx(expected)
+
+
+def test_ema_warmup_follows_the_standard_rule_and_survives_save_and_load(tmp_path):
+    """decay_n = min(decay, (1 + n) / (10 + n)): with ema_decay = 0.9999 the average tracks a moving model within a
+    few dozen updates instead of staying at its initial weights; the count is saved with the shadow."""
+    from trainers.callbacks import EMACallback
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMACallback(0.9999)
+    ema.initialize(model)
+    start = model.weight.detach().clone()
+    decays = []
+    for step in range(200):
+        decays.append(ema.current_decay())
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+    assert decays[:3] == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    assert all(d <= 0.9999 for d in decays) and decays[-1] == pytest.approx(200 / 209)
+    # the weights moved by 200 on a ramp; the warmed-up average lags them by ~20 steps, not by ~200
+    gap = float((model.weight - ema.shadow["weight"]).abs().max())
+    assert gap < 25 and float((ema.shadow["weight"] - start).abs().min()) > 170
+    plain_model = torch.nn.Linear(3, 2)
+    plain = EMACallback(0.9999, warmup=False)
+    plain.initialize(plain_model)
+    assert plain.current_decay() == 0.9999
+    for _ in range(200):
+        with torch.no_grad():
+            plain_model.weight.add_(1.0)
+        plain.update(plain_model)
+    assert float((plain_model.weight - plain.shadow["weight"]).abs().min()) > 195  # still at the start
+    ema.save(tmp_path)
+    again = EMACallback(0.9999)
+    assert again.load(tmp_path) and again.num_updates == 200
+    assert again.current_decay() == ema.current_decay()

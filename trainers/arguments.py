@@ -25,6 +25,12 @@ class DiffusionTrainingArguments(TrainingArguments):
         metadata={"help": "Decay of the exponential moving average of the weights (0 disables EMA; papers: 0.9999). "
                           "EMA weights are saved with checkpoints and used for evaluation and the final export."},
     )
+    ema_warmup: bool = field(
+        default=True,
+        metadata={"help": "Warm the EMA up: update n uses decay min(ema_decay, (1 + n) / (10 + n)), as torch_ema and "
+                          "the MDLM/Duo code do (False: ema_decay from the first step, which keeps the average at its "
+                          "initial weights for ~1/(1 - ema_decay) steps)."},
+    )
     nan_guard: bool = field(
         default=True,
         metadata={"help": "Stop training with a clear error (naming the step) at the first non-finite loss or "
@@ -76,10 +82,16 @@ class DiffusionTrainingArguments(TrainingArguments):
     freeze_schedule: bool = field(
         default=False, metadata={"help": "RePlaid: keep the whole noise schedule (shape and gamma_0, gamma_1) fixed."}
     )
-    output_prior_warmup_steps: int = field(
-        default=5000,
-        metadata={"help": "RePlaid: the output-prior logit term's weight rises linearly from 0 to 1 over this many "
-                          "steps (Plaid: 5000; 0 = full weight from the start). Evaluation always uses 1."},
+    output_prior_warmup_ratio: float = field(
+        default=0.05,
+        metadata={"help": "RePlaid: the output-prior logit term's weight rises linearly from 0 to 1 over this fraction "
+                          "of max_steps (default 5%; Plaid's 5000 steps assume a ~100K-1M step run). Evaluation "
+                          "always uses 1."},
+    )
+    output_prior_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "RePlaid: an absolute output-prior warm-up in steps, overriding output_prior_warmup_ratio "
+                          "(Plaid: 5000; 0 = full weight from the start). Must be smaller than max_steps."},
     )
     schedule_learning_rate: float | None = field(
         default=None,
@@ -116,7 +128,7 @@ class DiffusionTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("sampling_eps", "ema_decay", "curriculum_tau", "distill_gamma_min", "distill_gamma_max"):
+        for name in ("sampling_eps", "ema_decay", "output_prior_warmup_ratio", "curriculum_tau", "distill_gamma_min", "distill_gamma_max"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
@@ -125,6 +137,9 @@ class DiffusionTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise TypeError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__})")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"`max_steps` must be a positive number of optimizer steps (or -1 to train for "
+                             f"num_train_epochs), got {self.max_steps!r}")
         if not 0.0 <= self.sampling_eps < 1.0:
             raise ValueError(f"`sampling_eps` must be in [0, 1), got {self.sampling_eps!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -150,8 +165,15 @@ class DiffusionTrainingArguments(TrainingArguments):
                              f"{self.replaid_batch_split!r}")
         if not 0.0 < self.replaid_split_ema_decay < 1.0:
             raise ValueError(f"`replaid_split_ema_decay` must be in (0, 1), got {self.replaid_split_ema_decay!r}")
-        if self.output_prior_warmup_steps < 0:
+        if self.output_prior_warmup_steps is not None and self.output_prior_warmup_steps < 0:
             raise ValueError(f"`output_prior_warmup_steps` must be >= 0, got {self.output_prior_warmup_steps!r}")
+        if not 0.0 <= self.output_prior_warmup_ratio < 1.0:
+            raise ValueError(f"`output_prior_warmup_ratio` must be in [0, 1), got {self.output_prior_warmup_ratio!r}")
+        if (self.output_prior_warmup_steps is not None and self.max_steps > 0
+                and self.output_prior_warmup_steps >= self.max_steps):
+            raise ValueError(f"`output_prior_warmup_steps`={self.output_prior_warmup_steps} must be smaller than "
+                             f"`max_steps`={self.max_steps}: the output prior would never reach its full weight, "
+                             f"which evaluation uses (use `output_prior_warmup_ratio` instead)")
         for name in ("schedule_learning_rate", "gamma_bounds_learning_rate", "embedding_learning_rate",
                      "schedule_weight_decay", "gamma_bounds_weight_decay", "embedding_weight_decay"):
             value = getattr(self, name)

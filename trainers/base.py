@@ -135,7 +135,8 @@ class DiffusionTrainer(Trainer):
             _check_dataset(dataset, f"eval_dataset[{name!r}]" if name else "eval_dataset")
         self._train_ids_checked = False
         # the trainer writes the EMA itself, inside the checkpoint's completion marker
-        self.ema = EMACallback(self.args.ema_decay, save_on_checkpoint=False) if self.args.ema_decay > 0 else None
+        self.ema = EMACallback(self.args.ema_decay, save_on_checkpoint=False,
+                                warmup=self.args.ema_warmup) if self.args.ema_decay > 0 else None
         if self.ema is not None:
             self.add_callback(self.ema)
         if self.args.nan_guard:

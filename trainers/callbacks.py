@@ -5,6 +5,12 @@ MDLM, Duo and Plaid evaluate and sample with EMA weights (decay 0.9999). transfo
 `ema.safetensors` in each checkpoint folder (so a resumed run continues the same average) and can swap it into the
 model for evaluation and export (`DiffusionTrainer` does both).
 
+Warm-up (on by default, `warmup=True`): update n (counted from 0) uses decay min(decay, (1 + n) / (10 + n)), the
+rule of the EMA implementations users know (torch_ema's `use_num_updates`, the MDLM/Duo code's
+`ExponentialMovingAverage`). Without it, decay 0.9999 keeps the average at its initial weights for thousands of
+steps: a 1000-step run would evaluate, sample and export an almost untrained model. The update count is saved in
+the checkpoint's metadata, so a resumed run continues the same warm-up.
+
 `NonFiniteGuardCallback` stops training before an optimizer step whose gradients hold NaN or inf, so no NaN weights are
 ever written (the loss itself is checked in `DiffusionTrainer.compute_loss`).
 """
@@ -16,6 +22,7 @@ import logging
 import os
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -26,12 +33,21 @@ EMA_WEIGHTS_NAME = "ema.safetensors"
 
 
 class EMACallback(TrainerCallback):
-    def __init__(self, decay: float, save_on_checkpoint: bool = True):
+    def __init__(self, decay: float, save_on_checkpoint: bool = True, warmup: bool = True):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay!r}")
         self.decay = decay
+        self.warmup = warmup
         self.save_on_checkpoint = save_on_checkpoint  # False when the trainer saves it (dlm trainers do)
         self.shadow: dict[str, torch.Tensor] | None = None
+        self.num_updates = 0
+
+    def current_decay(self) -> float:
+        """The decay of the next update: min(decay, (1 + n) / (10 + n)) with warm-up, else `decay`."""
+        if not self.warmup:
+            return self.decay
+        n = self.num_updates
+        return min(self.decay, (1 + n) / (10 + n))
 
     @staticmethod
     def _params(model) -> dict[str, torch.nn.Parameter]:
@@ -39,6 +55,7 @@ class EMACallback(TrainerCallback):
 
     def initialize(self, model) -> None:
         self.shadow = {name: p.detach().float().clone() for name, p in self._params(model).items()}
+        self.num_updates = 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.shadow is None and model is not None:
@@ -49,11 +66,11 @@ class EMACallback(TrainerCallback):
         params = self._params(model)
         if self.shadow is None or self.shadow.keys() != params.keys():
             self.initialize(model)
-            return
         names = list(params)
         shadow = [self.shadow[n] for n in names]
         current = [params[n].detach().float() for n in names]
-        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+        torch._foreach_lerp_(shadow, current, 1.0 - self.current_decay())
+        self.num_updates += 1
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -62,13 +79,18 @@ class EMACallback(TrainerCallback):
     def save(self, directory: str | os.PathLike) -> None:
         if self.shadow is not None:
             tensors = {k: v.contiguous().cpu() for k, v in self.shadow.items()}
-            save_file(tensors, os.path.join(directory, EMA_WEIGHTS_NAME))
+            metadata = {"num_updates": str(self.num_updates), "decay": repr(self.decay), "warmup": str(self.warmup)}
+            save_file(tensors, os.path.join(directory, EMA_WEIGHTS_NAME), metadata=metadata)
 
     def load(self, directory: str | os.PathLike, device=None) -> bool:
         path = os.path.join(directory, EMA_WEIGHTS_NAME)
         if not os.path.isfile(path):
             return False
         self.shadow = {k: v.to(device) if device is not None else v for k, v in load_file(path).items()}
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        # a file written before the warm-up existed: its average is past any warm-up (no count was kept)
+        self.num_updates = int(metadata.get("num_updates", 10**9))
         return True
 
     def on_save(self, args, state, control, **kwargs):

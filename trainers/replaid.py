@@ -28,8 +28,9 @@ Per token, in nats, with gamma(t) = gamma_0 + (gamma_1 - gamma_0) gamma_hat(t) t
   gets a first no-grad pass whose e_hat = softmax(logits) E is fed back. On those entries gamma, gamma', the embeddings
   (in z, in the target and in e_hat), the prior term and the output prior's E are detached: they train the network
   only.
-- Output-prior warm-up [`output_prior_warmup_steps`, 5000]: the logit term (alpha / sigma^2) <z_t, E_v> is scaled by
-  min(1, step / warmup).
+- Output-prior warm-up [`output_prior_warmup_ratio`, 5% of max_steps; `output_prior_warmup_steps` overrides it]: the
+  logit term (alpha / sigma^2) <z_t, E_v> is scaled by min(1, step / warmup). Plaid's absolute 5000 steps assume a
+  long run: in a 240-step run they leave the prior at 0.048 of the weight evaluation uses, and the embeddings collapse.
 - Separate learning rates and weight decays for the schedule's shape network, gamma_0/gamma_1 and the embeddings
   [`schedule_*`, `gamma_bounds_*`, `embedding_*`] through param groups in `create_optimizer`.
 Evaluation (`evaluate`, `model.nelbo`) always computes all three terms on every entry with self-conditioning and the
@@ -308,9 +309,21 @@ class RePlaidTrainer(DiffusionTrainer):
     def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor, reduction="sum") if self.args.world_size > 1 else tensor
 
+    def output_prior_warmup(self) -> int:
+        """Warm-up length in steps: `output_prior_warmup_steps` when set, else `output_prior_warmup_ratio` of the
+        run's max_steps (floored, so always shorter than the run)."""
+        max_steps = self.state.max_steps if self.state.max_steps > 0 else max(self.args.max_steps, 0)
+        if self.args.output_prior_warmup_steps is not None:
+            warmup = self.args.output_prior_warmup_steps
+            if max_steps > 0 and warmup >= max_steps:
+                raise ValueError(f"`output_prior_warmup_steps`={warmup} must be smaller than max_steps={max_steps}: "
+                                 f"the output prior would never reach its full weight")
+            return warmup
+        return int(self.args.output_prior_warmup_ratio * max_steps)
+
     def output_prior_scale(self) -> float:
-        """min(1, step / output_prior_warmup_steps) in training (1 without warm-up)."""
-        warmup = self.args.output_prior_warmup_steps
+        """min(1, step / warm-up) in training (1 without warm-up)."""
+        warmup = self.output_prior_warmup()
         return 1.0 if warmup == 0 else min(1.0, self.state.global_step / warmup)
 
     # ---- the batch plan ---------------------------------------------------------------------------------------------

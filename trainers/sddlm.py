@@ -1,17 +1,26 @@
 """SDDLM objective: the simple denoising loss for uniform-state diffusion (arXiv 2510.22926), methods.md §A.3.
 
     L = sum_l m_l (-log(p_theta(x^l | z_t) + eps) + lambda R_l) / sum_l m_l
-with m the noise-replaced positions (`loss_mask`: "changed" = z_t != x, "resampled" = drawn from the prior) and R the
-regularizer against collapse to uniform outputs (`regularizer`):
-    "mean"    R = (1/V) sum_v log(p_theta(v | z_t) + eps)         exact uniform expectation, one reduction (default)
+with m the noise-replaced positions (`loss_mask`: "resampled" = every position drawn from the prior, the default;
+"changed" = z_t != x) and R the regularizer against collapse to uniform outputs (`regularizer`):
+    "hinge"   R = relu(margin - KL(U || p_theta))                   penalises only a collapse to uniform (default)
+              with KL(U || p) = -log V - (1/V) sum_v log(p_v + eps), one fused reduction
+    "mean"    R = (1/V) sum_v log(p_theta(v | z_t) + eps)         exact uniform expectation (the v2-style guess)
     "sampled" R = mean over K uniform negatives x^ of log(p_theta(x^ | z_t) + eps)   (v1 negative gradients)
     "none"    R = 0
-The sources leave the exact v2 form, its weight and its masking UNVERIFIED; all three are config options
-(`SDDLMConfig`). Minimising R lowers the average log-probability of random tokens, i.e. maximises KL(U || p_theta).
+Why "hinge" is the default: with "mean" at weight lambda the log-normaliser of CE + lambda R is (1 - lambda) lse, so
+the per-position optimum is p_v proportional to max(q_v - lambda / V, 0) / (1 - lambda) (q the true conditional): a
+built-in truncation of every token below lambda / V, degenerate (one-hot) at lambda = 1. At V = 50k that cuts only
+the far tail (lower gen-PPL at lower entropy, a worse bound); at V = 16 it cuts real mass and the bound exceeds
+log V. The hinge is zero unless a prediction is within `margin` nats of uniform, so where the data are predictable
+its optimum is the cross-entropy's (the ELBO's, with the resampled mask). The sources leave the exact v2 form, its
+weight and its masking UNVERIFIED; all forms are config options (`SDDLMConfig`).
 Validation never reports this loss: `DiffusionTrainer` evaluates the uniform-state NELBO, a true bound.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +35,10 @@ def sddlm_loss(
     x0: torch.Tensor,
     loss_positions: torch.Tensor,
     *,
-    regularizer: str = "mean",
+    regularizer: str = "hinge",
     regularizer_weight: float = 1.0,
+    regularizer_margin: float = 0.05,
+    normalization: str = "batch",
     num_negative_samples: int = 1,
     eps: float = 1e-6,
     generator: torch.Generator | None = None,
@@ -35,11 +46,13 @@ def sddlm_loss(
     """logits (B, L, V), x0 (B, L), loss_positions (B, L) bool (noise-replaced and not padding).
     Returns (loss, {"ce": ..., "reg": ..., "corrupted_fraction": ...})."""
     V = logits.shape[-1]
-    if regularizer == "mean":
+    if regularizer in ("mean", "hinge"):
         # one fused node: S = sum_v log(p_v + eps) and log p[x], recomputing the softmax in backward
         ones = torch.ones(x0.shape, device=x0.device)
         S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
         reg = S / V  # (B, L)
+        if regularizer == "hinge":  # KL(U || p) = -log V - mean_v log p_v; zero unless within `margin` of uniform
+            reg = torch.relu(regularizer_margin - (-math.log(V) - reg))
     else:
         # log p[x] from the fused cross-entropy kernel
         flat = logits.reshape(-1, V).float()
@@ -52,13 +65,18 @@ def sddlm_loss(
         elif regularizer == "none":
             reg = torch.zeros_like(log_p_x)
         else:
-            raise ValueError(f"`regularizer` must be 'mean', 'sampled' or 'none', got {regularizer!r}")
+            raise ValueError(f"`regularizer` must be 'hinge', 'mean', 'sampled' or 'none', got {regularizer!r}")
     ce = -torch.log(log_p_x.exp() + eps)  # (B, L)
     m = loss_positions.to(ce.dtype)
     count = m.sum()
     per_token = ce + regularizer_weight * reg
     # nothing corrupted (t ~ 0): a zero loss that still touches the graph, so every rank runs the same backward
-    loss = (per_token * m).sum() / count.clamp(min=1)
+    if normalization == "batch":  # every noise-replaced position of the batch weighs the same: t weighted by 1 - alpha
+        loss = (per_token * m).sum() / count.clamp(min=1)
+    elif normalization == "sequence":  # a mean per sequence, then over sequences: every t weighs the same
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    else:
+        raise ValueError(f"`normalization` must be 'batch' or 'sequence', got {normalization!r}")
     stats = {
         "ce": ((ce * m).sum() / count.clamp(min=1)).detach(),
         "reg": ((reg * m).sum() / count.clamp(min=1)).detach(),
@@ -79,5 +97,6 @@ class SDDLMTrainer(DiffusionTrainer):
         return sddlm_loss(
             logits, input_ids, positions,
             regularizer=config.regularizer, regularizer_weight=config.regularizer_weight,
+            regularizer_margin=config.regularizer_margin, normalization=config.loss_normalization,
             num_negative_samples=config.num_negative_samples, eps=config.regularizer_eps, generator=generator,
         )
