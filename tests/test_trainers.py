@@ -325,7 +325,7 @@ def test_ema_warmup_follows_the_standard_rule_and_survives_save_and_load(tmp_pat
     ema.initialize(model)
     start = model.weight.detach().clone()
     decays = []
-    for step in range(200):
+    for _ in range(200):
         decays.append(ema.current_decay())
         with torch.no_grad():
             model.weight.add_(1.0)

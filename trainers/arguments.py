@@ -84,9 +84,9 @@ class DiffusionTrainingArguments(TrainingArguments):
     )
     output_prior_warmup_ratio: float = field(
         default=0.05,
-        metadata={"help": "RePlaid: the output-prior logit term's weight rises linearly from 0 to 1 over this fraction "
-                          "of max_steps (default 5%; Plaid's 5000 steps assume a ~100K-1M step run). Evaluation "
-                          "always uses 1."},
+        metadata={"help": "RePlaid: the output-prior logit term's weight rises linearly from 0 to 1 over this "
+                          "fraction of max_steps (default 0.05; Plaid's 5000 steps assume a ~100K-1M step run). "
+                          "Evaluation always uses 1."},
     )
     output_prior_warmup_steps: int | None = field(
         default=None,
@@ -128,7 +128,8 @@ class DiffusionTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("sampling_eps", "ema_decay", "output_prior_warmup_ratio", "curriculum_tau", "distill_gamma_min", "distill_gamma_max"):
+        for name in ("sampling_eps", "ema_decay", "output_prior_warmup_ratio", "curriculum_tau", "distill_gamma_min",
+                     "distill_gamma_max"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"`{name}` must be a number, got {value!r} ({type(value).__name__})")
