@@ -28,11 +28,52 @@ def _as_column(value: torch.Tensor | float, like: torch.Tensor, dtype: torch.dty
     return value.reshape(-1, 1) if value.dim() == 1 else value
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token k with cdf[k-1] <= u * total < cdf[k] in each row of `probs` (N, V) (non-negative, need not be
+    normalised, total > 0), for u (N,) in [0, 1); returns (N,) ids (u (N, m): m draws per row, ids (N, m)). The CDF
+    is a float64 running sum (each float32 probability is exact in float64, the sum exact to ~V * 2^-53 relative),
+    so every token's share of [0, total) is its probability to float64 precision. The search is strict
+    (`right=True`: the first k with cdf[k] > u * total), so a token of probability 0 (cdf[k] == cdf[k-1]) is never
+    returned, u = 0 included. u * total < total for every float64 u < 1 (round to nearest); should a target still
+    reach the total, it goes to the last token of positive probability, not to V - 1.
+    The float64 CDF is built a block of rows at a time in one reused buffer (cache-sized on CPU, where this is faster
+    than a float32 CDF of all rows; at most `_DRAW_CHUNK_ELEMENTS` on accelerators), never for all N rows at once."""
+    N, V = probs.shape
+    shape = u.shape
+    u = u.to(device=probs.device, dtype=torch.float64).reshape(N, u.numel() // max(N, 1))  # (N, m)
+    budget = _CHUNK_ELEMENTS if probs.device.type == "cpu" else _DRAW_CHUNK_ELEMENTS
+    step = max(1, budget // V)
+    ids = torch.empty(u.shape, dtype=torch.long, device=probs.device)
+    buffer = torch.empty(min(step, N), V, dtype=torch.float64, device=probs.device)
+    for start in range(0, N, step):
+        rows = slice(start, start + step)
+        block = probs[rows]
+        cdf = buffer[: block.shape[0]].copy_(block).cumsum_(-1)  # (n, V) float64
+        total = cdf[:, -1:].contiguous()
+        k = torch.searchsorted(cdf, u[rows] * total, right=True)  # first k with cdf[k] > u * total
+        last = torch.searchsorted(cdf, total)  # first k with cdf[k] >= total: the last token of positive probability
+        ids[rows] = torch.where(k < V, k, last)
+    return ids.view(shape)
+
+
 def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Inverse-CDF categorical draw from the rows of `probs` (N, V) (need not be normalised); returns (N,) ids."""
-    cdf = probs.cumsum(-1)  # (N, V)
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+    """Inverse-CDF categorical draw from the rows of `probs` (N, V) (need not be normalised); returns (N,) ids.
+    Exact to float64 precision: one float64 uniform per row (53 random bits, multiples of 2^-53 in [0, 1)) into a
+    float64 CDF (`_inverse_cdf`); a token of probability 0 is never drawn (top-k / top-p filtered entries)."""
+    u = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
+    return _inverse_cdf(probs, u)
+
+
+def _mixture_components(u: torch.Tensor, w_copy: torch.Tensor, w_x_hat: torch.Tensor, w_uniform: torch.Tensor):
+    """Masks (copy, x_hat, uniform) of the posterior mixture component for float64 uniforms u in [0, 1): with
+    v = u * (w_copy + w_x_hat + w_uniform), copy if v < w_copy, x_hat if v < w_copy + w_x_hat, uniform otherwise.
+    The comparisons are strict, so u = 0 never picks a zero-weight component; v < total for every float64 u < 1 and
+    the total is summed in the order of the comparisons, so a zero `w_uniform` is never picked either."""
+    first_two = w_copy + w_x_hat
+    v = u * (first_two + w_uniform)
+    pick_copy = v < w_copy
+    pick_x_hat = ~pick_copy & (v < first_two)
+    return pick_copy, pick_x_hat, ~pick_copy & ~pick_x_hat
 
 
 class UniformStateScheduler:
@@ -116,11 +157,8 @@ class UniformStateScheduler:
     def _mixture_step(self, x_hat_z, x_hat_rows, z_t, alpha_t, alpha_s, generator) -> torch.Tensor:
         """The three-part mixture draw; `x_hat_rows(rows)` returns x_hat (N, V) at the N positions that pick it."""
         w_copy, w_x_hat, w_uniform = self.mixture_weights(x_hat_z, alpha_t, alpha_s)
-        total = w_copy + w_x_hat + w_uniform
-        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64) * total
-        pick_copy = u < w_copy
-        pick_x_hat = ~pick_copy & (u < w_copy + w_x_hat)
-        pick_uniform = ~pick_copy & ~pick_x_hat
+        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        pick_copy, pick_x_hat, pick_uniform = _mixture_components(u, w_copy, w_x_hat, w_uniform)
         z_s = z_t.clone()
         rows = pick_x_hat.nonzero(as_tuple=True)
         if rows[0].numel():
@@ -228,6 +266,7 @@ def softmax_log_affine_terms(
 
 
 _CHUNK_ELEMENTS = 1 << 19  # CPU: rows per chunk so that one chunk's temporaries (~2 MB in float32) stay in cache
+_DRAW_CHUNK_ELEMENTS = 1 << 25  # accelerators: the float64 CDF of `_inverse_cdf` holds at most this many (256 MB)
 
 
 def _row_chunks(num_rows: int, vocab_size: int, device: torch.device) -> tuple[range, int]:

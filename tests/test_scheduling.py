@@ -805,3 +805,173 @@ def test_steps_from_logits_equal_steps_from_softmax(monkeypatch, chunk_rows, dty
         assert torch.equal(got, expected)
         assert (got != z_m).any() and not (got[z_m != mask_id] != z_m[z_m != mask_id]).any()
         assert (got[got != z_m] != mask_id).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Categorical draws are exact (issue 15, C10): float64 CDF and uniform, no zero-probability token, ever
+# ---------------------------------------------------------------------------------------------------------------------
+_BELOW_ONE = 1 - 2.0**-53  # the largest float64 uniform torch.rand can return
+
+
+def _float32_inverse_cdf_before_fix(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The draw before the fix (float32 running sum, float32 uniform, left search), its uniform made explicit: the
+    reference that shows the exactness checks below reject a float32 draw."""
+    cdf = probs.float().cumsum(-1)
+    target = u.float().reshape(probs.shape[0], -1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).clamp_(max=probs.shape[-1] - 1)
+
+
+def _tiny_tail_row(V: int = 50_258) -> torch.Tensor:
+    """A GPT-2-sized float32 row: 5 tokens hold ~99.5%, ~50k tokens hold 1e-8..3e-7 each (half of them below half a
+    float32 ulp of a CDF near 1), zeros at the start, inside the tail (filtered) and at the end."""
+    g = gen(0)
+    p = torch.zeros(V, dtype=F64)
+    p[3:8] = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.04], dtype=F64)
+    p[8:25_008] = 2.5e-8 * (1 + 0.1 * torch.rand(25_000, generator=g, dtype=F64))
+    p[25_008:V - 3] = 1e-7 + 2e-7 * torch.rand(V - 3 - 25_008, generator=g, dtype=F64)
+    p[25_008:V - 3:7] = 0.0
+    p[3:8] *= (1 - p[8:].sum()) / p[3:8].sum()
+    return p.float()
+
+
+def _induced_counts(draw, row: torch.Tensor, bits: int) -> torch.Tensor:
+    """How many of the 2^bits uniforms u = i 2^-bits the draw `draw(probs, u)` (monotone in u) maps to each token:
+    per token boundary, a bisection for the first i that reaches it. The exact distribution the draw induces when u
+    is uniform on that grid (torch.rand: 24 bits in float32, 53 in float64)."""
+    V = row.numel()
+    k = torch.arange(1, V)
+    lo = torch.full((V - 1,), -1, dtype=torch.long)
+    hi = torch.full((V - 1,), 1 << bits, dtype=torch.long)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        reached = draw(row[None], (mid.double() / 2.0**bits)[None])[0] >= k
+        hi, lo = torch.where(reached, mid, hi), torch.where(reached, lo, mid)
+    return torch.cat([torch.zeros(1, dtype=torch.long), hi, torch.full((1,), 1 << bits, dtype=torch.long)]).diff()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_inverse_cdf_edges_never_return_zero_probability_tokens(dtype):
+    """u = 0 picks the first token of positive probability (not token 0), u just below 1 the last one (not V - 1),
+    interior zeros are skipped at their CDF boundary; u = 1 (out of range) still lands on the last positive token."""
+    from modeling_dlm.scheduling_uniform import _inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.0, 0.25, 0.0, 0.75, 0.0],
+                          [0.0, 3.0, 0.0, 0.0, 0.0, 1.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 2.0],
+                          [1e-30, 0.0, 0.0, 1.0, 0.0, 0.0]], dtype=dtype)
+    first, last = torch.tensor([2, 1, 5, 0]), torch.tensor([4, 5, 5, 3])
+    for u, expected in [(0.0, first), (_BELOW_ONE, last), (1.0, last)]:
+        assert torch.equal(_inverse_cdf(probs, torch.full((4,), u, dtype=F64)), expected), u
+    # at the CDF boundary u * total = cdf[k]: the next positive token (right-continuous inverse), never a zero
+    assert torch.equal(_inverse_cdf(probs[:1], torch.tensor([[0.25, 0.25 - 2.0**-54]], dtype=F64)),
+                       torch.tensor([[4, 2]]))
+    # a (N, m) grid of u per row: monotone, and only positive-probability ids
+    grid = torch.linspace(0, _BELOW_ONE, 4001, dtype=F64).expand(4, -1)
+    ids = _inverse_cdf(probs, grid)
+    assert ids.shape == grid.shape and bool((ids.diff(dim=-1) >= 0).all())
+    assert bool((probs.gather(-1, ids) > 0).all())
+    assert _inverse_cdf(probs[:0], torch.zeros(0, dtype=F64)).shape == (0,)
+    # the old draw returned token 0 (probability 0) for u = 0
+    assert int(_float32_inverse_cdf_before_fix(probs[:1], torch.zeros(1))[0, 0]) == 0
+
+
+def test_mixture_components_at_the_edges_of_u():
+    """The uniform mixture's component choice: u = 0 and u just below 1 never pick a component of weight 0."""
+    from modeling_dlm.scheduling_uniform import _mixture_components
+
+    names = ("copy", "x_hat", "uniform")
+    cases = [((0.0, 0.3, 1.7), "x_hat", "uniform"),  # t = 1 (alpha_t = 0): no copy weight
+             ((0.0, 0.0, 1.7), "uniform", "uniform"),
+             ((0.3, 0.0, 0.0), "copy", "copy"),  # s = t
+             ((0.3, 1.7, 0.0), "copy", "x_hat"),  # the final step (alpha_s = 1): no uniform weight
+             ((0.3, 0.0, 1.7), "copy", "uniform"),
+             ((1.0 / 3, 1.0 / 7, 0.0), "copy", "x_hat")]  # a total that is not a power of 2
+    for weights, at_zero, below_one in cases:
+        w = [torch.tensor([x], dtype=F64) for x in weights]
+        for u, expected in ((0.0, at_zero), (0.5, None), (_BELOW_ONE, below_one)):
+            picks = _mixture_components(torch.full((1,), u, dtype=F64), *w)
+            picked = [name for name, p in zip(names, picks) if bool(p)]
+            assert len(picked) == 1 and weights[names.index(picked[0])] > 0, (weights, u, picked)
+            assert expected is None or picked == [expected], (weights, u, picked)
+
+
+def test_filtered_rows_never_draw_a_filtered_token():
+    """Top-k / top-p filtered rows (exact zeros after the softmax) over many seeded draws, directly and through the
+    uniform and absorbing steps at their final step (alpha_s = 1, where the uniform mixture has no uniform part)."""
+    V, R, n = 997, 16, 200
+    g = gen(11)
+    logits = 3 * torch.randn(2 * R, V, generator=g)
+    kth = torch.topk(logits[:R], 7, dim=-1).values[:, -1:]
+    logits[:R] = logits[:R].masked_fill(logits[:R] < kth, float("-inf"))  # top-k = 7
+    sorted_logits, order = torch.sort(logits[R:], dim=-1, descending=True)
+    p_sorted = sorted_logits.softmax(-1)
+    drop = p_sorted.cumsum(-1) - p_sorted >= 0.3  # top-p = 0.3
+    logits[R:] = logits[R:].masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    support = probs > 0
+    assert bool((support.sum(-1) < V // 10).all())  # mostly exact zeros
+    rows = probs.repeat_interleave(n, 0)
+    for seed in range(3):
+        ids = sample_from_probs(rows, gen(seed))
+        assert bool(rows.gather(-1, ids[:, None]).gt(0).all()), seed
+    # the draw is `_inverse_cdf` of one float64 uniform per row, from the caller's generator
+    from modeling_dlm.scheduling_uniform import _inverse_cdf
+
+    assert torch.equal(sample_from_probs(rows, gen(7)), _inverse_cdf(rows, torch.rand(len(rows), generator=gen(7),
+                                                                                           dtype=F64)))
+    # steps: every token they draw from x_hat is in its support
+    B, L = 4, 2 * R // 4
+    step_logits = logits.view(B, L, V)
+    z_t = torch.randint(0, V, (B, L), generator=g)
+    x_support = support.view(B, L, V)
+    for seed in range(20):
+        z_s = UniformStateScheduler(V).step_from_logits(step_logits, z_t, 0.3, 1.0, generator=gen(seed))
+        ok = (z_s == z_t) | x_support.gather(-1, z_s[..., None]).squeeze(-1)
+        assert bool(ok.all()), seed
+    mask_id = V - 1
+    absorbing_logits = step_logits.clone()
+    absorbing_logits[..., mask_id] = float("-inf")
+    z_m = torch.full((B, L), mask_id)
+    for seed in range(20):
+        z_s = AbsorbingStateScheduler(V, mask_id).step_from_logits(absorbing_logits, z_m, 0.3, 1.0,
+                                                                  generator=gen(seed))
+        assert bool(absorbing_logits.gather(-1, z_s[..., None]).isfinite().all()), seed
+
+
+def test_draw_is_exact_on_many_tiny_probabilities():
+    """Total variation between a GPT-2-sized row with ~50k tiny probabilities and the distribution the draw induces
+    over every float64 uniform torch.rand can return (computed exactly, not sampled): float64 precision. The float32
+    draw before the fix fails the same check by ~8 orders of magnitude (TV ~6e-4, ~4e-4 of the mass never drawn)."""
+    from modeling_dlm.scheduling_uniform import _inverse_cdf
+
+    row = _tiny_tail_row()
+    exact = row.double() / row.double().sum()
+    counts = _induced_counts(_inverse_cdf, row, 53)
+    induced = counts.double() / 2.0**53
+    assert 0.5 * float((induced - exact).abs().sum()) < 1e-10
+    assert torch.equal(counts > 0, row > 0)  # every token of positive probability can be drawn, no other
+    old = _induced_counts(_float32_inverse_cdf_before_fix, row, 24)
+    assert 0.5 * float((old.double() / 2.0**24 - exact).abs().sum()) > 1e-4
+    assert float(exact[(old == 0) & (row > 0)].sum()) > 1e-4
+
+
+def test_draw_chi_square_on_many_tiny_probabilities():
+    """Seeded float64 draws from the tiny-tail row, binned (the 5 large tokens, then the tail in 14 bins of
+    consecutive ids): a chi-square goodness of fit against the exact probabilities."""
+    from modeling_dlm.scheduling_uniform import _inverse_cdf
+
+    row = _tiny_tail_row()
+    V, n = row.numel(), 100_000
+    exact = row.double() / row.double().sum()
+    edges = torch.tensor([4, 5, 6, 7, 8, 16_675, 25_008, *torch.linspace(25_008, V, 12).long().tolist()[1:-1]])
+    bins = torch.bucketize(torch.arange(V), edges, right=True)  # bin 0 holds the three leading zeros and token 3
+    expected = n * torch.zeros(len(edges) + 1, dtype=F64).index_add_(0, bins, exact)
+    assert float(expected.min()) > 20
+    for seed in range(2):
+        ids = _inverse_cdf(row[None], torch.rand(1, n, generator=gen(seed), dtype=F64))[0]
+        assert bool((row[ids] > 0).all())
+        observed = torch.bincount(bins[ids], minlength=len(expected)).double()
+        chi2 = float(((observed - expected) ** 2 / expected).sum())
+        dof = len(expected) - 1
+        p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=F64), torch.tensor(chi2 / 2, dtype=F64)))
+        assert p_value > 1e-4, (seed, chi2, p_value)
