@@ -33,9 +33,10 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 CASES = {
     "duo": ("duo", {}),
     "mdlm": ("mdlm", {}),
-    "sddlm hinge (default)": ("sddlm", {}),
-    "sddlm hinge, per-sequence": ("sddlm", {"loss_normalization": "sequence"}),
-    "sddlm hinge 0.01": ("sddlm", {"regularizer_margin": 0.01}),
+    "sddlm hinge 0.01 (default)": ("sddlm", {}),
+    "sddlm hinge 0.01, per-sequence": ("sddlm", {"loss_normalization": "sequence"}),
+    "sddlm hinge 0.05": ("sddlm", {"regularizer_margin": 0.05}),
+    "sddlm hinge 0.05, per-sequence": ("sddlm", {"regularizer_margin": 0.05, "loss_normalization": "sequence"}),
     "sddlm none, per-sequence": ("sddlm", {"regularizer": "none", "loss_normalization": "sequence"}),
     "sddlm mean": ("sddlm", {"regularizer": "mean"}),
     "sddlm none": ("sddlm", {"regularizer": "none"}),

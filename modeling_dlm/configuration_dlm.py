@@ -143,7 +143,7 @@ class SDDLMConfig(DiffusionLMConfig):
             token below lambda / V, which at small V destroys the bound), `"sampled"` (v1 negative samples) or
             `"none"`. See `trainers/sddlm.py` for the optimum of each form.
         regularizer_weight: lambda in L = CE + lambda * R (1.0 matches v1).
-        regularizer_margin: the hinge's margin in nats of KL(U || p) (0.05).
+        regularizer_margin: the hinge's margin in nats of KL(U || p) (0.01, chosen by `bench/sddlm_vocab.py`).
         loss_normalization: `"batch"` (the transcription: the sum over the batch's loss positions divided by their
             count, so a time t weighs in proportion to its 1 - alpha_t) or `"sequence"` (a mean over each sequence's
             loss positions, then over sequences: every t weighs the same, as in the ELBO's time integral).
@@ -156,7 +156,7 @@ class SDDLMConfig(DiffusionLMConfig):
     loss_mask: str = "resampled"
     regularizer: str = "hinge"
     regularizer_weight: float = 1.0
-    regularizer_margin: float = 0.05
+    regularizer_margin: float = 0.01
     loss_normalization: str = "batch"
     num_negative_samples: int = 1
     regularizer_eps: float = 1e-6

@@ -94,6 +94,21 @@ def test_train_eval_generate_roundtrip(tmp_path, text_file):
     assert report["tokens"] == 8 * 32
     assert report["ppl_bound"] == pytest.approx(math.exp(report["nelbo"]), rel=1e-6)
     assert 0 < report["nelbo"] < 2 * math.log(50258)
+    assert report["split"] == "whole file" and report["rows"] == 8 and report["max_eval_samples"] == 8
+
+    # a file given to eval is scored whole: every line, every token (the last, short block padded, not dropped)
+    small = tmp_path / "small.txt"
+    lines = text_file.read_text(encoding="utf-8").splitlines()[:40]
+    small.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = last_json(run_dlm("eval", str(out), "--dataset", str(small), "--seq_len", "32").stdout)
+    documents = [line for line in lines if line.strip()]
+    text_tokens = sum(len(tokenizer(line, add_special_tokens=False)["input_ids"]) + 1 for line in documents)
+    assert report["split"] == "whole file" and report["max_eval_samples"] is None
+    assert (report["lines"], report["documents"], report["text_tokens"]) == (len(lines), len(documents), text_tokens)
+    assert report["rows"] == report["rows_total"] == math.ceil(text_tokens / 30)
+    assert report["tokens"] == text_tokens + 2 * report["rows"]  # every text token plus each row's BOS and EOS
+    refused = run_dlm("eval", str(out), "--dataset", str(small), "--split", "validation", check=False)
+    assert refused.returncode != 0 and "is scored whole" in refused.stderr
 
     result = run_dlm("generate", str(out), "--num_samples", "2", "--max_new_tokens", "12", "--num_steps", "4",
                      "--prompt", "ROMEO:", "--sampler", "greedy_tail", "--show_progress", "false")

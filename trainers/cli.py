@@ -325,7 +325,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
 @dataclass
 class EvalArguments:
     model_dir: str = field(metadata={"help": "Checkpoint folder (or Hub repo id) to evaluate."})
-    split: str = field(default="validation", metadata={"help": "'validation' (default) or 'train'."})
+    split: str | None = field(
+        default=None,
+        metadata={"help": "Split of a dataset that has splits (default: validation, else valid, else test; any split "
+                          "name the dataset has). A file given with --dataset is scored whole and takes no --split."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Evaluation batch size."})
     num_time_samples: int = field(default=1, metadata={"help": "Time samples per sequence (lowers variance)."})
     sampling_eps: float = field(default=1e-3, metadata={"help": "Smallest t drawn: t ~ U[eps, 1]."})
@@ -406,23 +410,28 @@ def _load_checkpoint_tokenizer(path: str, model):
 
 
 def cmd_eval(argv: list[str]) -> int:
+    from trainers.data import load_eval_text, tokenize_for_eval
     from trainers.evaluation import evaluate_likelihood
 
     parser = _hf_parser(EvalArguments, DataArguments)
     parser.prog = "dlm eval"
     eval_args, data_args = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
-    if eval_args.split not in ("validation", "train"):
-        raise ValueError(f"--split must be 'validation' or 'train', got {eval_args.split!r}")
     model = _load_model(eval_args.model_dir, eval_args.device)
     tokenizer = _load_checkpoint_tokenizer(eval_args.model_dir, model)
     max_len = getattr(model.config, "max_position_embeddings", data_args.seq_len)
     if data_args.seq_len > max_len:
         raise ValueError(f"--seq_len {data_args.seq_len} exceeds the model's max_position_embeddings {max_len}")
-    train_ds, eval_ds = _datasets(
-        data_args, tokenizer, streaming=False,
-        max_train_samples=data_args.max_eval_samples if eval_args.split == "train" else 1,
-    )
-    dataset = eval_ds if eval_args.split == "validation" else train_ds
+    text, split = load_eval_text(data_args.dataset, data_args.dataset_config, split=eval_args.split,
+                                 text_column=data_args.text_column)
+    dataset, counts = tokenize_for_eval(text, tokenizer, data_args.seq_len, data_args.mode,
+                                        text_column=data_args.text_column)
+    if data_args.max_eval_samples is not None:
+        if data_args.max_eval_samples < 1:
+            raise ValueError(f"--max_eval_samples must be >= 1, got {data_args.max_eval_samples}")
+        dataset = dataset.select(range(min(data_args.max_eval_samples, len(dataset))))
+    logger.info("evaluating %s (%s): %d lines, %d documents, %d text tokens in %d rows of %d%s", data_args.dataset,
+                split, counts["lines"], counts["documents"], counts["text_tokens"], counts["rows"], data_args.seq_len,
+                f"; only the first {len(dataset)} rows (--max_eval_samples)" if len(dataset) < counts["rows"] else "")
     start = time.time()
     result = evaluate_likelihood(model, dataset, batch_size=eval_args.batch_size,
                                  num_time_samples=eval_args.num_time_samples, eps=eval_args.sampling_eps,
@@ -442,8 +451,11 @@ def cmd_eval(argv: list[str]) -> int:
         gen = model.generation_config
         result.update({"gen_num_steps": settings.get("num_steps", gen.num_steps),
                        "sampler": settings.get("sampler", gen.sampler), "top_p": settings.get("top_p", gen.top_p)})
-    result.update({"model": eval_args.model_dir, "dataset": data_args.dataset, "split": eval_args.split,
-                   "seq_len": data_args.seq_len, "num_time_samples": eval_args.num_time_samples,
+    result.update({"model": eval_args.model_dir, "dataset": data_args.dataset, "split": split,
+                   "lines": counts["lines"], "documents": counts["documents"], "text_tokens": counts["text_tokens"],
+                   "rows": len(dataset), "rows_total": counts["rows"], "max_eval_samples": data_args.max_eval_samples,
+                   "seq_len": data_args.seq_len, "mode": data_args.mode,
+                   "num_time_samples": eval_args.num_time_samples,
                    "seconds": round(time.time() - start, 2)})
     print(json.dumps(result))
     return 0

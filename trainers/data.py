@@ -416,27 +416,8 @@ def _to_iterable(raw: datasets.Dataset | datasets.DatasetDict) -> datasets.Itera
     return datasets.IterableDatasetDict({split: ds.to_iterable_dataset() for split, ds in raw.items()})
 
 
-def load_text_dataset(
-    name_or_path: str,
-    config_name: str | None = None,
-    *,
-    text_column: str = "text",
-    streaming: bool = False,
-    validation_fraction: float = 0.05,
-    seed: int = 0,
-) -> DatasetDictLike:
-    """Load raw text as a ``DatasetDict`` (``IterableDatasetDict`` when streaming) with "train" and "validation".
-
-    ``name_or_path`` is ``BUILTIN_DATASET``; a local file (.txt/.raw: one row per line; .jsonl/.json; .parquet;
-    .arrow; .csv); a folder written by ``save_to_disk``; a folder of data files (files named like "train.*",
-    "validation.*", "valid.*" or "dev.*" are used as those splits when a train file is present); or a Hugging Face
-    Hub dataset name with optional ``config_name`` (needs network).
-
-    The validation split is "validation", else "valid", else ``validation_fraction`` of train carved out with a seeded
-    ``train_test_split`` (streaming: a seeded hash of each text decides, since a stream has no length).
-    """
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+def _load_raw(name_or_path: str, config_name: str | None = None, *, streaming: bool = False) -> DatasetDictLike:
+    """Every split ``name_or_path`` has, as loaded (a single local file or a split-less source: one "train" split)."""
     if name_or_path == BUILTIN_DATASET:
         raw: DatasetDictLike = builtin_corpus()
         if streaming:
@@ -463,6 +444,31 @@ def load_text_dataset(
         if not isinstance(raw, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             raw = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)({"train": raw})
 
+    return raw
+
+
+def load_text_dataset(
+    name_or_path: str,
+    config_name: str | None = None,
+    *,
+    text_column: str = "text",
+    streaming: bool = False,
+    validation_fraction: float = 0.05,
+    seed: int = 0,
+) -> DatasetDictLike:
+    """Load raw text as a ``DatasetDict`` (``IterableDatasetDict`` when streaming) with "train" and "validation".
+
+    ``name_or_path`` is ``BUILTIN_DATASET``; a local file (.txt/.raw: one row per line; .jsonl/.json; .parquet;
+    .arrow; .csv); a folder written by ``save_to_disk``; a folder of data files (files named like "train.*",
+    "validation.*", "valid.*" or "dev.*" are used as those splits when a train file is present); or a Hugging Face
+    Hub dataset name with optional ``config_name`` (needs network).
+
+    The validation split is "validation", else "valid", else ``validation_fraction`` of train carved out with a seeded
+    ``train_test_split`` (streaming: a seeded hash of each text decides, since a stream has no length).
+    """
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    raw = _load_raw(name_or_path, config_name, streaming=streaming)
     if "train" not in raw:
         raise ValueError(f"Dataset {name_or_path!r} has no 'train' split (splits: {list(raw)})")
     train = raw["train"]
@@ -674,3 +680,83 @@ def build_datasets(
             "Built %d train and %d eval examples (seq_len=%d, mode=%r)", len(train), len(evaluation), seq_len, mode
         )
     return train, evaluation
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation data: a file scored whole, or a named split
+# ----------------------------------------------------------------------------------------------------
+
+_EVAL_SPLIT_PREFERENCE = ("validation", "valid", "test")
+
+
+def load_eval_text(
+    name_or_path: str, config_name: str | None = None, *, split: str | None = None, text_column: str = "text"
+) -> tuple[datasets.Dataset, str]:
+    """The raw text to evaluate and what it is: ``(dataset, split_label)``.
+
+    A single local file is scored whole (every line or record; no hidden split), so ``split`` must be None for it
+    and the label is "whole file". Other sources (the builtin corpus, a folder, a saved dataset, a Hub dataset) are
+    read at ``split``: any split the source has; by default "validation", else "valid", else "test". Nothing is
+    carved out of a train split here: naming ``split="train"`` scores the training text.
+    """
+    path = Path(name_or_path).expanduser()
+    if name_or_path != BUILTIN_DATASET and path.is_file():
+        if split is not None:
+            raise ValueError(f"--split {split!r} does not apply to the file {name_or_path!r}: a file given to eval is "
+                             f"scored whole (every line); splits exist only for datasets that have them")
+        builder, data_files = _local_data_files(path)
+        dataset = datasets.load_dataset(builder, data_files={"eval": data_files["train"]}, split="eval")
+        _check_text_column(dataset, text_column, name_or_path, "whole file")
+        return dataset, "whole file"
+    raw = _load_raw(name_or_path, config_name)
+    if split is None:
+        split = next((name for name in _EVAL_SPLIT_PREFERENCE if name in raw), None)
+        if split is None:
+            raise ValueError(f"Dataset {name_or_path!r} has no validation, valid or test split (splits: {list(raw)}); "
+                             f"name one with --split")
+    elif split not in raw:
+        raise ValueError(f"Dataset {name_or_path!r} has no split {split!r} (splits: {list(raw)})")
+    _check_text_column(raw[split], text_column, name_or_path, split)
+    return raw[split], split
+
+
+def tokenize_for_eval(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    mode: str = "wrap",
+    *,
+    text_column: str = "text",
+) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Rows of exactly ``seq_len`` tokens holding *every* token of the text, with their counts.
+
+    "wrap": the whole EOS-separated stream cut into blocks of ``seq_len - 2``, each framed [BOS] block [EOS]; the last,
+    shorter block is framed the same way and right-padded (attention mask 0), never dropped. "pad": each document in
+    pieces of ``seq_len - 2`` tokens, each framed [BOS] piece [EOS] and right-padded (a long document is continued in
+    further rows, not truncated). Returns the rows ("input_ids", "attention_mask") and ``{"lines", "documents",
+    "text_tokens", "scored_tokens", "rows"}``: rows of the source, non-blank documents, tokens of the text, and the
+    positions scored (text plus framing).
+    """
+    _validate_mode(mode, seq_len)
+    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # masked out either way
+    texts = dataset[text_column]
+    encoded = _encode_documents(texts, tokenizer)
+    block = seq_len - 2
+    if mode == "wrap":
+        stream = [token for ids in encoded for token in (*ids, eos)]
+        pieces = [stream[i : i + block] for i in range(0, len(stream), block)]
+        text_tokens = len(stream)
+    else:
+        pieces = [ids[i : i + block] for ids in encoded for i in range(0, max(len(ids), 1), block)]
+        text_tokens = sum(len(ids) for ids in encoded)
+    input_ids, attention_mask = [], []
+    for piece in pieces:
+        row = [bos, *piece, eos]
+        input_ids.append(row + [pad] * (seq_len - len(row)))
+        attention_mask.append([1] * len(row) + [0] * (seq_len - len(row)))
+    stats = {"lines": len(texts), "documents": len(encoded), "text_tokens": text_tokens,
+             "scored_tokens": sum(map(sum, attention_mask)), "rows": len(input_ids)}
+    if not input_ids:
+        raise ValueError(f"the evaluation text has no tokens ({len(texts)} rows, all blank)")
+    return datasets.Dataset.from_dict({"input_ids": input_ids, "attention_mask": attention_mask}), stats

@@ -37,7 +37,7 @@ def sddlm_loss(
     *,
     regularizer: str = "hinge",
     regularizer_weight: float = 1.0,
-    regularizer_margin: float = 0.05,
+    regularizer_margin: float = 0.01,
     normalization: str = "batch",
     num_negative_samples: int = 1,
     eps: float = 1e-6,
