@@ -348,3 +348,13 @@ def test_ema_warmup_follows_the_standard_rule_and_survives_save_and_load(tmp_pat
     again = EMACallback(0.9999)
     assert again.load(tmp_path) and again.num_updates == 200
     assert again.current_decay() == ema.current_decay()
+
+
+def test_a_trainer_refuses_a_model_of_another_variant(tmp_path, gpt2_tokenizer):
+    """An SDDLMTrainer given a Duo model would train Duo with SDDLM's loss and say nothing: a clear error instead."""
+    duo = small_model("duo", gpt2_tokenizer)
+    with pytest.raises(ValueError, match=r"SDDLMTrainer trains sddlm models, got a 'duo' model.*TRAINERS\['duo'\]"):
+        TRAINERS["sddlm"](model=duo, args=make_args(tmp_path))
+    with pytest.raises(ValueError, match="MDLMTrainer trains mdlm models, got a 'sddlm' model"):
+        TRAINERS["mdlm"](model=small_model("sddlm", gpt2_tokenizer), args=make_args(tmp_path))
+    assert type(TRAINERS["duo"](model=duo, args=make_args(tmp_path))).__name__ == "DuoTrainer"

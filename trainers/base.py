@@ -118,6 +118,8 @@ def _mix(*numbers: int) -> int:
 
 class DiffusionTrainer(Trainer):
     loss_is_scaled_for_ga = False  # compute_loss returns a per-token mean of its micro-batch
+    #: the `model_type`s this trainer's objective is for (None: any dlm model, with its own `nelbo_per_token`)
+    model_types: tuple[str, ...] | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -129,6 +131,10 @@ class DiffusionTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not hasattr(unwrapped, "noise_scheduler"):
             raise TypeError(f"{type(self).__name__} needs a dlm diffusion model, got {type(unwrapped).__name__}")
+        model_type = getattr(getattr(unwrapped, "config", None), "model_type", None)
+        if self.model_types is not None and model_type not in self.model_types:
+            raise ValueError(f"{type(self).__name__} trains {' or '.join(self.model_types)} models, got a "
+                             f"{model_type!r} model ({type(unwrapped).__name__}); use trainers.TRAINERS[{model_type!r}]")
         _check_dataset(self.train_dataset, "train_dataset")
         eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
         for name, dataset in eval_sets.items():

@@ -54,6 +54,8 @@ def uniform_nelbo_loss(logits, x0, z_t, alpha, dalpha, scheduler, attention_mask
 
 
 class DuoTrainer(DiffusionTrainer):
+    model_types = ("duo",)
+
     def in_curriculum(self, model) -> bool:
         return model.training and self.state.global_step < self.args.curriculum_steps
 
@@ -113,6 +115,8 @@ def consistency_distillation_loss(student_logits, teacher_logits, attention_mask
 
 class DuoDistillationTrainer(DiffusionTrainer):
     """Discrete Consistency Distillation of a Duo model into a few-step sampler (see the module docstring)."""
+
+    model_types = ("duo", "sddlm")
 
     #: generation defaults written into the distilled checkpoint
     distilled_generation = {"num_steps": 8, "sampler": "greedy_tail"}

@@ -15,6 +15,8 @@ def mdlm_loss(logits, x0, z_t, alpha, dalpha, scheduler, attention_mask=None):
 
 
 class MDLMTrainer(DiffusionTrainer):
+    model_types = ("mdlm",)
+
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         alpha, dalpha = unwrapped.schedule.alpha(t), unwrapped.schedule.dalpha_dt(t)
         z_t, _ = unwrapped.noise_scheduler.add_noise(input_ids, alpha, generator=generator)

@@ -294,6 +294,8 @@ class ReconstructionShareCallback(TrainerCallback):
 class RePlaidTrainer(DiffusionTrainer):
     """Trains `RePlaidForDiffusionLM` by the NELBO with Plaid's variance reductions (see the module docstring)."""
 
+    model_types = ("replaid",)
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)

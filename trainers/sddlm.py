@@ -86,6 +86,8 @@ def sddlm_loss(
 
 
 class SDDLMTrainer(DiffusionTrainer):
+    model_types = ("sddlm",)
+
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         config = unwrapped.config
         alpha = unwrapped.schedule.alpha(t)
