@@ -38,6 +38,23 @@ def ddp_reports(tmp_path_factory) -> list[dict]:
     return reports
 
 
+def test_readme_accelerate_launch_starts_two_processes_on_cpu(tmp_path):
+    """The README's command: `accelerate launch --multi_gpu --num_processes 2 dlm train ...` starts two processes on
+    a CPU machine (accelerate's `--multi_gpu` is its torch.distributed launcher; `--cpu` would start one)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    dlm = Path(sys.executable).with_name("dlm")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "0", str(dlm), "train", "--variant", "duo", "--size", "tiny", "--dataset",
+               "builtin", "--seq_len", "32", "--max_steps", "2", "--per_device_train_batch_size", "4",
+               "--max_eval_samples", "8", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+               "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("2 processes on cpu, global batch 8") == 1, result.stderr[-4000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert json.loads(result.stdout.strip().splitlines()[-1])["epoch"] > 0
+
+
 def test_ranks_end_with_identical_weights(ddp_reports):
     first, second = ddp_reports
     assert first["final_hash"] != first["initial_hash"]  # training moved the weights

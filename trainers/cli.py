@@ -306,6 +306,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
     else:
         trainer = TRAINERS[variant](model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                     processing_class=tokenizer)
+    world = training_args.world_size
+    if training_args.process_index == 0:
+        logger.info("%d process%s on %s, global batch %d (%d per device x %d accumulation steps x %d)", world,
+                    "es" if world > 1 else "", training_args.device.type,
+                    world * training_args.gradient_accumulation_steps * training_args.per_device_train_batch_size,
+                    training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
     trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     _record_run(trainer, training_args, data_args, variant=variant, tokenizer=model_args.tokenizer or "builtin",
@@ -682,6 +688,12 @@ def cmd_distill(argv: list[str]) -> int:
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     trainer = DuoDistillationTrainer(model=student, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                      processing_class=tokenizer)
+    world = training_args.world_size
+    if training_args.process_index == 0:
+        logger.info("%d process%s on %s, global batch %d (%d per device x %d accumulation steps x %d)", world,
+                    "es" if world > 1 else "", training_args.device.type,
+                    world * training_args.gradient_accumulation_steps * training_args.per_device_train_batch_size,
+                    training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
     trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
     trainer.save_model(training_args.output_dir)
     _record_run(trainer, training_args, data_args, variant="duo", teacher=distill_args.teacher)
