@@ -111,3 +111,63 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+
+
+def test_ctrl_c_saves_a_complete_checkpoint_and_says_how_to_resume(tmp_path):
+    """The first SIGINT finishes the step in flight, saves a complete checkpoint and exits 130 with one line naming
+    it and the command to resume (no traceback); that command continues from it."""
+    config, out = _config(tmp_path), tmp_path / "run"
+    command = _cmd(config, out, "--max_steps", "100000", "--save_strategy", "no")
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(command, env=_env(), cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=stderr,
+                                text=True)
+        deadline = time.monotonic() + 600
+        for line in proc.stdout:  # wait until training is under way (a logged loss)
+            if "'loss'" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.stdout.read()
+        proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text
+    stopped = [line for line in text.splitlines() if "stopped at step" in line]
+    assert len(stopped) == 1, text[-3000:]
+    step = int(stopped[0].split("stopped at step ")[1].split()[0])
+    checkpoint = out / f"checkpoint-{step}"
+    assert f"checkpoint saved to {checkpoint}" in stopped[0] and checkpoint_problem(str(checkpoint)) is None
+    assert stopped[0].rstrip().endswith("--resume_from_checkpoint last") and " train --variant duo" in stopped[0]
+
+    resumed = subprocess.run(_cmd(config, out, "--max_steps", str(step + 2), "--save_strategy", "no",
+                                  "--resume_from_checkpoint", "last"),
+                             env=_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in resumed.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def test_ctrl_c_in_quickstart_then_resume(tmp_path):
+    out = tmp_path / "qs"
+    base = [sys.executable, "-m", "trainers.cli", "quickstart", "--output_dir", str(out), "--seq_len", "32",
+            "--batch_size", "4", "--num_samples", "1"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([*base, "--max_steps", "100000"], env=_env(), cwd=str(tmp_path),
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + 300
+        while "3/5 training" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2)  # a few optimizer steps
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 130 and "Traceback" not in text, text[-3000:]
+    stopped = next(line for line in text.splitlines() if "stopped at step" in line)
+    assert stopped.rstrip().endswith("--resume")
+    step = int(stopped.split("stopped at step ")[1].split()[0])
+    resumed = subprocess.run([*base, "--max_steps", str(step + 2), "--resume"], env=_env(), cwd=str(tmp_path),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {out / f'checkpoint-{step}'}" in resumed.stderr
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["nelbo"] > 0

@@ -134,7 +134,8 @@ class DiffusionTrainer(Trainer):
         model_type = getattr(getattr(unwrapped, "config", None), "model_type", None)
         if self.model_types is not None and model_type not in self.model_types:
             raise ValueError(f"{type(self).__name__} trains {' or '.join(self.model_types)} models, got a "
-                             f"{model_type!r} model ({type(unwrapped).__name__}); use trainers.TRAINERS[{model_type!r}]")
+                             f"{model_type!r} model ({type(unwrapped).__name__}); use "
+                             f"trainers.TRAINERS[{model_type!r}]")
         _check_dataset(self.train_dataset, "train_dataset")
         eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"": self.eval_dataset}
         for name, dataset in eval_sets.items():

@@ -11,6 +11,9 @@ rule of the EMA implementations users know (torch_ema's `use_num_updates`, the M
 steps: a 1000-step run would evaluate, sample and export an almost untrained model. The update count is saved in
 the checkpoint's metadata, so a resumed run continues the same warm-up.
 
+`InterruptCallback` turns the first Ctrl-C (SIGINT) into a clean stop: the current optimizer step finishes, a complete
+checkpoint is saved, and training ends; a second Ctrl-C aborts at once.
+
 `NonFiniteGuardCallback` stops training before an optimizer step whose gradients hold NaN or inf, so no NaN weights are
 ever written (the loss itself is checked in `DiffusionTrainer.compute_loss`).
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 import torch
 from safetensors import safe_open
@@ -137,3 +142,42 @@ class NonFiniteGuardCallback(TrainerCallback):
             f"training stopped before the optimizer step, so the weights and the checkpoints in {args.output_dir} "
             f"hold no NaN. Lower the learning rate, keep max_grad_norm > 0, or set nan_guard=False to skip this check."
         )
+
+
+class InterruptCallback(TrainerCallback):
+    """First SIGINT: finish the optimizer step in flight, save a complete checkpoint, stop (`requested` is then True
+    and `checkpoint` names the folder); a second SIGINT raises KeyboardInterrupt at once.
+
+    Installed by the `dlm` command for single-process runs only: in a multi-process job every rank gets the signal
+    at its own step, and stopping them at different steps would deadlock their collectives, so Ctrl-C keeps its
+    default meaning there (resume from the last periodic checkpoint).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.step: int | None = None
+        self._previous = None
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return True
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:  # the second Ctrl-C: abort now
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            self.step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True

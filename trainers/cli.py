@@ -246,6 +246,49 @@ def _record_run(trainer, training_args, data_args, **fields) -> None:
                               max_steps=trainer.state.global_step, **fields)
 
 
+def _resume_hint() -> str:
+    """This command line with `--resume_from_checkpoint last` instead of any resume flag it had."""
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--resume_from_checkpoint", "--resume-from-checkpoint"):
+            skip = True
+        elif not arg.startswith(("--resume_from_checkpoint=", "--resume-from-checkpoint=")):
+            argv.append(arg)
+    return "dlm " + " ".join(argv) + " --resume_from_checkpoint last"
+
+
+def _run_training(trainer, training_args, resume=None, resume_hint: str | None = None) -> bool:
+    """Log the process count and global batch, then `trainer.train`, where the first Ctrl-C saves a complete
+    checkpoint and stops (single process; see `InterruptCallback`). Returns True when interrupted, after one log line
+    that says how to resume."""
+    from trainers.callbacks import InterruptCallback
+
+    world = training_args.world_size
+    if training_args.process_index == 0:
+        logger.info("%d process%s on %s, global batch %d (%d per device x %d accumulation steps x %d)", world,
+                    "es" if world > 1 else "", training_args.device.type,
+                    world * training_args.gradient_accumulation_steps * training_args.per_device_train_batch_size,
+                    training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
+    if resume is None:
+        resume = _resume_target(training_args.resume_from_checkpoint)
+    interrupt = InterruptCallback()
+    installed = world == 1 and interrupt.install()
+    if installed:
+        trainer.add_callback(interrupt)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        interrupt.uninstall()
+    if not interrupt.requested:
+        return False
+    folder = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    logger.warning("stopped at step %d of %d; checkpoint saved to %s. Resume with: %s", trainer.state.global_step,
+                   trainer.state.max_steps, folder, resume_hint or _resume_hint())
+    return True
+
+
 def _resume_target(value: str | None) -> str | bool | None:
     """`--resume_from_checkpoint last` (or `true`) means the newest complete checkpoint in --output_dir."""
     if isinstance(value, str) and value.lower() in ("last", "true"):
@@ -306,13 +349,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
     else:
         trainer = TRAINERS[variant](model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                     processing_class=tokenizer)
-    world = training_args.world_size
-    if training_args.process_index == 0:
-        logger.info("%d process%s on %s, global batch %d (%d per device x %d accumulation steps x %d)", world,
-                    "es" if world > 1 else "", training_args.device.type,
-                    world * training_args.gradient_accumulation_steps * training_args.per_device_train_batch_size,
-                    training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
-    trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
+    if _run_training(trainer, training_args):
+        return 130  # interrupted: a complete checkpoint was saved
     trainer.save_model(training_args.output_dir)
     _record_run(trainer, training_args, data_args, variant=variant, tokenizer=model_args.tokenizer or "builtin",
                 size=model_args.size, init_from=model_args.init_from)
@@ -688,13 +726,8 @@ def cmd_distill(argv: list[str]) -> int:
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     trainer = DuoDistillationTrainer(model=student, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                                      processing_class=tokenizer)
-    world = training_args.world_size
-    if training_args.process_index == 0:
-        logger.info("%d process%s on %s, global batch %d (%d per device x %d accumulation steps x %d)", world,
-                    "es" if world > 1 else "", training_args.device.type,
-                    world * training_args.gradient_accumulation_steps * training_args.per_device_train_batch_size,
-                    training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, world)
-    trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
+    if _run_training(trainer, training_args):
+        return 130  # interrupted: a complete checkpoint was saved
     trainer.save_model(training_args.output_dir)
     _record_run(trainer, training_args, data_args, variant="duo", teacher=distill_args.teacher)
     metrics = trainer.evaluate() if eval_ds is not None else {}
@@ -712,6 +745,11 @@ class QuickstartArguments:
     batch_size: int = field(default=32, metadata={"help": "Training batch size."})
     num_samples: int = field(default=3, metadata={"help": "Samples to print at the end."})
     seed: int = field(default=0, metadata={"help": "Seed."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue an interrupted quickstart (Ctrl-C saves a checkpoint in --output_dir) from its "
+                          "last complete checkpoint; the result equals an uninterrupted run's."},
+    )
 
 
 def cmd_quickstart(argv: list[str]) -> int:
@@ -747,7 +785,9 @@ def cmd_quickstart(argv: list[str]) -> int:
     before = trainer.evaluate()["eval_nelbo"]
     logger.info("3/5 training %d steps (validation bound before: %.3f nats/token, log V = %.3f)", args.max_steps,
                 before, math.log(len(tokenizer)))
-    trainer.train()
+    hint = "dlm " + " ".join(["quickstart", *[a for a in argv if a != "--resume"], "--resume"])
+    if _run_training(trainer, training_args, resume=True if args.resume else None, resume_hint=hint):
+        return 130  # interrupted: a complete checkpoint was saved
     metrics = trainer.evaluate()
     logger.info("4/5 validation NELBO %.3f nats/token (perplexity bound %.1f)", metrics["eval_nelbo"],
                 metrics["eval_ppl_bound"])
