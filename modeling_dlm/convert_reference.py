@@ -20,7 +20,10 @@ Accepted sources:
 Pickled files are read only with `torch.load(weights_only=True)`. The reference's Lightning checkpoints also pickle
 Python objects (its OmegaConf config, the tokenizer); their class names are registered, for that one load only, as
 inert placeholders that record their arguments: nothing the file names is imported or run, and only tensors are used.
-Names from modules that can reach the system (`os`, `sys`, `subprocess`, ...) are refused outright.
+The OmegaConf `DictConfig` in `hyper_parameters` is read back from those placeholders (`_content` / `_val`) as plain
+data; its metadata names a few builtin data types (`object_type=dict`, `key_type=int`), which are accepted, as
+placeholders too. Names from modules that can reach the system (`os`, `sys`, `subprocess`, ...) and every other
+builtin (`eval`, `exec`, `getattr`, `__import__`, ...) are refused outright.
 """
 
 from __future__ import annotations
@@ -84,7 +87,17 @@ _CONFIG_NAMES = {
     "time_conditioning": "time_conditioning",
 }
 _REFUSED_MODULES = ("builtins", "os", "posix", "nt", "sys", "subprocess", "shutil", "importlib", "socket", "runpy",
-                    "pty", "code", "ctypes", "pickle", "marshal", "io", "webbrowser", "multiprocessing")
+                    "pty", "code", "ctypes", "pickle", "marshal", "io", "webbrowser", "multiprocessing", "_io",
+                    "_posixsubprocess")
+# The only `builtins` names a checkpoint may use: plain data types. A pickled OmegaConf config names them as values in
+# its node metadata (`ContainerMetadata(object_type=dict, key_type=int)`, a ListConfig's `object_type=list`, a typed
+# node's `ref_type=str|int|float|bool`, `resolver_cache=defaultdict(dict)`). Like every other name in the file they
+# become inert placeholders (`_torch_load`), so not even their constructors run; and were one called, it could only
+# build a value of that type from values already in the pickle. Everything else in builtins stays refused: `eval`,
+# `exec`, `compile`, `__import__`, `getattr`/`setattr`, `open`, `breakpoint`, `type` (builds classes), ...
+_INERT_BUILTINS = frozenset(f"builtins.{t}" for t in (
+    "dict", "list", "tuple", "set", "frozenset", "str", "bytes", "bytearray", "int", "float", "complex", "bool",
+    "object"))
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
@@ -109,8 +122,13 @@ class _InertPickledObject:
 
     pickled_name = "?"
 
-    def __init__(self, *args, **kwargs):
+    def __new__(cls, *args, **kwargs):  # also what pickle's NEWOBJ calls (a DictConfig, a tokenizer), without __init__
+        self = super().__new__(cls)
         self.args, self.kwargs, self.state = args, kwargs, None
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass  # __new__ recorded the arguments
 
     def __setstate__(self, state):
         self.state = state
@@ -131,7 +149,7 @@ def _torch_load(path: Path) -> object:
         names, mmap = get_unsafe_globals_in_checkpoint(str(path)), True
     except (RuntimeError, ValueError, OSError):
         names, mmap = [], False  # not a zip-format checkpoint: the plain weights-only load below decides
-    refused = [n for n in names if n.split(".", 1)[0] in _REFUSED_MODULES]
+    refused = [n for n in names if n.split(".", 1)[0] in _REFUSED_MODULES and n not in _INERT_BUILTINS]
     if refused:
         raise ValueError(f"{path} names {', '.join(sorted(refused))} in its pickle; refusing to read it (a model "
                          f"checkpoint has no reason to reference these)")
@@ -289,19 +307,25 @@ def read_reference_checkpoint(
                                ignored=ignored)
 
 
-def _plain(obj: object) -> object:
-    """Best-effort plain Python view of a pickled OmegaConf tree made of placeholders (`_content` / `_val`)."""
+def _plain(obj: object, _path: frozenset = frozenset()) -> object:
+    """Best-effort plain Python view of a pickled OmegaConf tree made of placeholders: a `DictConfig` / `ListConfig`
+    pickles its `__dict__` as `{"_metadata", "_parent", "_content"}`, a leaf node (`AnyNode`, `IntegerNode`, ...) as
+    `{"_metadata", "_parent", "_val"}`. Metadata and parent links are not followed; a cycle reads as None.
+    Interpolations (`${...}`) and `???` stay the strings they were pickled as: nothing is resolved or evaluated."""
+    if id(obj) in _path:
+        return None
+    inner = _path | {id(obj)}
     if isinstance(obj, _InertPickledObject):
         state = obj.state if isinstance(obj.state, dict) else {}
         if "_content" in state:
-            return _plain(state["_content"])
+            return _plain(state["_content"], inner)
         if "_val" in state:
-            return _plain(state["_val"])
+            return _plain(state["_val"], inner)
         return None
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _plain(v, inner) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [_plain(v, inner) for v in obj]
     return obj
 
 
@@ -314,6 +338,11 @@ def _plain_hyper_parameters(hparams: object) -> dict:
 
 
 # ---- translating ----------------------------------------------------------------------------------------------------
+def _unresolved(value: object) -> bool:
+    """An OmegaConf interpolation (`${model.length}`) or missing value (`???`) read from a pickled config: no value."""
+    return isinstance(value, str) and (value.strip() == "???" or "${" in value)
+
+
 def _flatten_config(config: dict) -> dict:
     """The authors' architecture fields, from an HF config (`hidden_dim`, ...), a Hydra run config (`model:` group)
     or a `PyTorchModelHubMixin` config (`{"config": {...}, "vocab_size": ...}`)."""
@@ -322,7 +351,8 @@ def _flatten_config(config: dict) -> dict:
     model = nested.get("model") if isinstance(nested.get("model"), dict) else {}
     for source in (model, config):
         for key, name in _CONFIG_NAMES.items():
-            if key in source and name not in flat and not isinstance(source[key], dict):
+            if key in source and name not in flat and not isinstance(source[key], dict) and \
+                    not _unresolved(source[key]):
                 flat[name] = source[key]
     algo = nested.get("algo") if isinstance(nested.get("algo"), dict) else {}
     causal = config.get("causal", algo.get("causal_attention", False))

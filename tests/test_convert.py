@@ -371,6 +371,290 @@ class EvilPayload:
         return (os.system, ("echo pwned",))
 
 
+# ---- a Lightning 2.x checkpoint with its OmegaConf config (issue 15, C9) --------------------------------------------
+# A stand-in for omegaconf 2.3 (not a dependency of dlm): the same classes under the same module paths, built and
+# pickled the way OmegaConf builds and pickles them (`Node.__getstate__` drops `_flags_cache`, a container pickles a
+# copy of its `ContainerMetadata`, leaves are `AnyNode`s with `_val`), so the checkpoint names the same globals
+# (builtins.dict, builtins.int, builtins.list, typing.Any, collections.defaultdict, omegaconf.*) as a real one. Where
+# omegaconf itself is installed, the test runs with it as well and checks that both name the same globals. Every
+# `__setstate__` of the stand-in leaves a marker file behind: unpickling it for real would show.
+OMEGACONF_STAND_IN = '''"""Stand-in for omegaconf 2.3 (tests/test_convert.py): same module paths and pickled state."""
+import copy
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+
+def _ran():
+    marker = os.environ.get("DLM_TEST_OMEGACONF_MARKER")
+    if marker:
+        with open(marker, "w") as f:
+            f.write("omegaconf code from the checkpoint ran")
+
+
+@dataclass
+class Metadata:
+    ref_type: Any
+    object_type: Any
+    optional: bool
+    key: Any
+    flags: Optional[Dict[str, bool]] = None
+    flags_root: bool = False
+    resolver_cache: Dict[str, Any] = field(default_factory=lambda: defaultdict(dict))
+
+    def __setstate__(self, state):
+        _ran()
+        self.__dict__.update(state)
+
+
+@dataclass
+class ContainerMetadata(Metadata):
+    key_type: Any = None
+    element_type: Any = None
+
+
+class Node:
+    def __init__(self, parent, metadata):
+        self.__dict__["_metadata"] = metadata
+        self.__dict__["_parent"] = parent
+        self.__dict__["_flags_cache"] = None
+
+    def __getstate__(self):
+        state = copy.copy(self.__dict__)
+        del state["_flags_cache"]
+        return state
+
+    def __setstate__(self, state):
+        _ran()
+        self.__dict__.update(state)
+        self.__dict__["_flags_cache"] = None
+
+
+class AnyNode(Node):
+    def __init__(self, value, key=None, parent=None):
+        super().__init__(parent, Metadata(ref_type=Any, object_type=None, optional=True, key=key, flags={}))
+        self.__dict__["_val"] = value
+
+
+class BaseContainer(Node):
+    def __getstate__(self):
+        state = copy.copy(self.__dict__)
+        state.pop("_flags_cache", None)
+        state["_metadata"] = copy.copy(state["_metadata"])
+        return state
+
+    def _node(self, value, key):
+        if isinstance(value, dict):
+            return DictConfig(value, key, self)
+        if isinstance(value, list):
+            return ListConfig(value, key, self)
+        return AnyNode(value, key, self)
+
+
+class DictConfig(BaseContainer):
+    def __init__(self, content, key=None, parent=None, flags=None):
+        super().__init__(parent, ContainerMetadata(ref_type=Any, object_type=dict, optional=True, key=key,
+                                                   flags=flags or {}, key_type=Any, element_type=Any))
+        self.__dict__["_content"] = {k: self._node(v, k) for k, v in content.items()}
+
+
+class ListConfig(BaseContainer):
+    def __init__(self, content, key=None, parent=None):
+        super().__init__(parent, ContainerMetadata(ref_type=Any, object_type=list, optional=True, key=key,
+                                                   flags={}, key_type=int, element_type=Any))
+        self.__dict__["_content"] = [self._node(v, i) for i, v in enumerate(content)]
+
+
+AnyNode.__module__ = "omegaconf.nodes"
+DictConfig.__module__ = "omegaconf.dictconfig"
+ListConfig.__module__ = "omegaconf.listconfig"
+'''
+OMEGACONF_STAND_IN_MODULES = {"base": OMEGACONF_STAND_IN, "nodes": "from omegaconf.base import AnyNode\n",
+                              "dictconfig": "from omegaconf.base import DictConfig\n",
+                              "listconfig": "from omegaconf.base import ListConfig\n", "__init__": ""}
+
+# what the reference run composes with Hydra (s-sahoo/duo `configs/config.yaml`, a tiny `model:` group), strings
+# with interpolations and `${eval:...}` included: they must stay dead strings
+LIGHTNING_RUN_CONFIG = {
+    "mode": "train", "seed": 1,
+    "loader": {"global_batch_size": 512, "eval_global_batch_size": "${.global_batch_size}",
+               "num_workers": "${eval:\"len(__import__('os').sched_getaffinity(0))\"}", "pin_memory": True},
+    "model": {"name": "tiny", "type": "ddit", "hidden_size": D, "cond_dim": COND, "length": LENGTH,
+              "n_blocks": LAYERS, "n_heads": HEADS, "scale_by_sigma": True, "dropout": "${training.dropout}",
+              "tie_word_embeddings": False},
+    "algo": {"name": "duo_base", "backbone": "dit", "parameterization": "mean", "time_conditioning": True,
+             "causal_attention": False, "ignore_bos": False},
+    "training": {"ema": 0.9999, "dropout": 0.1, "sampling_eps": 1e-3, "finetune_path": ""},
+    "trainer": {"_target_": "lightning.Trainer", "devices": "${device_count:}", "precision": "bf16"},
+    "wandb": {"group": None, "tags": ["${noise.type}", "log-linear", 3, 0.5, None, True, ["nested"]]},
+    "checkpointing": {"resume_ckpt_path": "???"},
+}
+
+LIGHTNING_WRITER = r'''
+import json, os, sys
+from collections import OrderedDict
+
+import torch
+
+impl, weights, out, config = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+raw, ema = torch.load(weights, weights_only=True)
+if impl == "installed":
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create(config)
+    OmegaConf.set_struct(cfg, True)  # what Hydra hands the task function
+else:
+    from omegaconf.dictconfig import DictConfig
+    cfg = DictConfig(config, flags={"struct": True})
+from tokenizers import Tokenizer, models
+tokenizer = Tokenizer(models.BPE(vocab={"<|endoftext|>": 0, "a": 1, "b": 2, "ab": 3}, merges=[("a", "b")]))
+state = OrderedDict(("backbone." + k, v) for k, v in raw.items())
+step = {"total": {"ready": 1000, "completed": 1000}, "current": {"ready": 1000, "completed": 1000}}
+# the layout of lightning 2.x `_CheckpointConnector.dump_checkpoint` plus the reference's `on_save_checkpoint`
+ckpt = {
+    "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "2.2.1", "state_dict": state,
+    "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 1000},
+                           "epoch_loop.batch_progress": step, "epoch_progress": {"current": {"completed": 3}},
+                           "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {"step": step}}}},
+    "callbacks": {"ModelCheckpoint{'monitor': 'val/nll', 'mode': 'min', 'every_n_train_steps': 0, "
+                  "'every_n_epochs': 1, 'train_time_interval': None}": {
+                      "monitor": "val/nll", "best_model_score": torch.tensor(3.25), "best_k_models": {},
+                      "best_model_path": "checkpoints/best.ckpt", "kth_value": torch.tensor(float("inf")),
+                      "dirpath": "outputs/checkpoints", "last_model_path": ""}},
+    "optimizer_states": [{"state": {0: {"step": torch.tensor(1000.0), "exp_avg": torch.zeros(3)}},
+                          "param_groups": [{"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0,
+                                            "amsgrad": False, "params": [0]}]}],
+    "lr_schedulers": [{"base_lrs": [3e-4], "last_epoch": 1000, "_step_count": 1001, "_last_lr": [3e-4],
+                       "lr_lambdas": [{}]}],
+    "MixedPrecision": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0},
+    "hparams_name": "kwargs",
+    "hyper_parameters": {"config": cfg, "tokenizer": tokenizer, "vocab_size": None},
+    "ema": {"decay": 0.9999, "num_updates": 1000, "collected_params": None,
+            "shadow_params": [v for k, v in ema.items() if k != "rotary_emb.inv_freq"]},
+    "sampler": {"random_state": None},
+}
+torch.save(ckpt, out)
+# a plain unpickling of this file does run the config's code (the stand-in leaves its marker; omegaconf gives back
+# the DictConfig it was): what the converter must not do
+back = torch.load(out, weights_only=False)["hyper_parameters"]["config"]
+marker = os.environ["DLM_TEST_OMEGACONF_MARKER"]
+if impl == "installed":
+    assert OmegaConf.to_container(back) == config
+else:
+    assert os.path.exists(marker), "the stand-in's __setstate__ did not run"
+    os.remove(marker)
+print("written")
+'''
+
+
+def _write_lightning_checkpoint(tmp_path: Path, impl: str, raw: dict, ema: dict) -> tuple[Path, Path, Path]:
+    """Write, in a child process, a Lightning checkpoint whose `hyper_parameters["config"]` is a `DictConfig` (of the
+    stand-in, or of the installed omegaconf). Returns the checkpoint, the stand-in package's folder and the marker."""
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "stand_in"
+    (site / "omegaconf").mkdir(parents=True, exist_ok=True)
+    for name, text in OMEGACONF_STAND_IN_MODULES.items():
+        (site / "omegaconf" / f"{name}.py").write_text(text)
+    weights = tmp_path / "weights.pt"
+    torch.save((dict(raw), dict(ema)), weights)
+    out, marker = tmp_path / f"last-{impl}.ckpt", tmp_path / "omegaconf-ran.txt"
+    paths = ([] if impl == "installed" else [str(site)]) + [p for p in sys.path if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "DLM_TEST_OMEGACONF_MARKER": str(marker),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", LIGHTNING_WRITER, impl, str(weights), str(out),
+                           json.dumps(LIGHTNING_RUN_CONFIG)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "written" in proc.stdout, proc.stdout + proc.stderr
+    assert not marker.exists()
+    return out, site, marker
+
+
+def _omegaconf_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("omegaconf") is not None
+
+
+@pytest.mark.parametrize("impl", ["stand-in", pytest.param("installed", marks=pytest.mark.skipif(
+    not _omegaconf_installed(), reason="omegaconf is not installed (the stand-in variant covers the format)"))])
+def test_lightning_checkpoint_with_omegaconf_config_is_read_without_its_code(tmp_path, monkeypatch, impl):
+    """The reference runs' `last.ckpt` (Lightning 2.x, `save_hyperparameters()` of a Hydra `DictConfig`) converts:
+    the `builtins.dict` / `builtins.int` / `builtins.list` its metadata names are accepted, the config is read back as
+    plain data, and neither omegaconf nor the stand-in's code is imported or run."""
+    import sys
+
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    raw, ema = reference_state(seed=14), reference_state(seed=15)
+    path, site, marker = _write_lightning_checkpoint(tmp_path, impl, raw, ema)
+    names = set(get_unsafe_globals_in_checkpoint(str(path)))
+    assert {"builtins.dict", "builtins.int", "builtins.list", "omegaconf.dictconfig.DictConfig",
+            "omegaconf.listconfig.ListConfig", "omegaconf.nodes.AnyNode", "omegaconf.base.ContainerMetadata",
+            "typing.Any"} <= names
+    if impl == "installed":  # the stand-in names exactly what the real omegaconf does
+        stand_in, _, _ = _write_lightning_checkpoint(tmp_path / "s", "stand-in", raw, ema)
+        assert set(get_unsafe_globals_in_checkpoint(str(stand_in))) == names
+
+    def loaded_omegaconf() -> set:
+        return {m for m, mod in sys.modules.items() if m.split(".")[0] == "omegaconf" and mod is not None}
+
+    before = loaded_omegaconf()
+    monkeypatch.syspath_prepend(str(site))  # importable here, so any import of the stand-in would run its code ...
+    monkeypatch.setenv("DLM_TEST_OMEGACONF_MARKER", str(marker))
+    monkeypatch.setitem(sys.modules, "omegaconf", None)  # ... were it not that any import of omegaconf now fails
+    ckpt = read_reference_checkpoint(path)
+    model = DuoForDiffusionLM.from_reference(path)
+    assert not marker.exists() and loaded_omegaconf() == before
+    assert ckpt.config == LIGHTNING_RUN_CONFIG  # the whole run config, as plain data; interpolations stay strings
+    assert ckpt.used_ema and ckpt.prefix == "backbone."
+    # heads and length are in the config only (the weights cannot tell them): they were read from the DictConfig
+    assert model.config.num_attention_heads == HEADS and model.config.max_position_embeddings == LENGTH
+    assert isinstance(model.config.hidden_dropout_prob, float)  # `${training.dropout}` is no value, not a string
+    assert _max_diff(model, ema) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["eval", "exec", "compile", "getattr", "setattr", "__import__", "open", "type",
+                                  "breakpoint"])
+def test_builtins_that_are_not_data_types_are_refused(tmp_path, name):
+    """Only plain data types of `builtins` are accepted; a callable that can run code is refused, by name, even next
+    to the data types a config names."""
+    import builtins
+
+    raw = reference_state(seed=16)
+    ok = tmp_path / "types.ckpt"
+    data_types = [dict, list, tuple, set, frozenset, str, bytes, bytearray, int, float, complex, bool, object]
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in raw.items()}, "types": data_types}, ok)
+    assert read_reference_checkpoint(ok).prefix == "backbone."
+    bad = tmp_path / f"{name}.ckpt"
+    hook = getattr(builtins, name)
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in raw.items()}, "types": data_types, "hook": hook}, bad)
+    with pytest.raises(ValueError, match="refusing") as err:
+        DuoForDiffusionLM.from_reference(bad)
+    # named as pickle names it (`open` is `io.open`); the data types beside it are not what is refused
+    assert f"names {hook.__module__}.{name} in" in str(err.value)
+
+
+def test_eval_payload_is_refused_without_running(tmp_path):
+    """The classic payload, `builtins.eval` by REDUCE, is refused before anything is unpickled."""
+    marker = tmp_path / "ran.txt"
+    evil = tmp_path / "eval.ckpt"
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in reference_state(seed=17).items()},
+                "hook": EvalPayload(f"open({str(marker)!r}, 'w').write('pwned')")}, evil)
+    with pytest.raises(ValueError, match=r"builtins\.eval.*refusing"):
+        DuoForDiffusionLM.from_reference(evil)
+    assert not marker.exists()
+
+
+class EvalPayload:
+    def __init__(self, source: str):
+        self.source = source
+
+    def __reduce__(self):
+        return (eval, (self.source,))
+
+
 # ---- the converted model works with the rest of dlm -----------------------------------------------------------------
 def test_converted_model_saves_reloads_generates_and_evaluates(tmp_path):
     state = reference_state(seed=10)
