@@ -1,0 +1,65 @@
+"""The README's Python snippets, run exactly as written (extracted from README.md, not copied).
+
+The folder they run in holds what a reader of the README has: a quickstart checkpoint (`dlm quickstart`, shortened
+with `--max_steps`), the GPT-2 tokenizer as `gpt2/` (offline, a local folder of that name is what
+`from_pretrained("gpt2")` finds first) and a text corpus as `my_corpus/`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import shared_data
+
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def python_blocks(section: str) -> list[str]:
+    """The ```python blocks under the README heading `section` (up to the next heading of the same level)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    level = section.split(" ", 1)[0]
+    start = text.index(section + "\n")
+    following = re.search(rf"^{level} ", text[start + len(section):], flags=re.MULTILINE)
+    body = text[start: start + len(section) + following.start()] if following else text[start:]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
+
+
+def test_readme_python_snippets_run_as_written(tmp_path):
+    python = python_blocks("## Python")
+    pipeline = python_blocks("## Pipeline and streamers")
+    assert len(python) == 2 and pipeline, "the README's snippets moved: update this test"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO)}
+    quickstart = subprocess.run([sys.executable, "-m", "trainers.cli", "quickstart", "--max_steps", "20",
+                                 "--num_samples", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=600)
+    assert quickstart.returncode == 0, quickstart.stderr[-3000:]
+    shutil.copytree(shared_data("tokenizers", "gpt2"), tmp_path / "gpt2")
+    (tmp_path / "my_corpus").mkdir()
+    text = shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")
+    (tmp_path / "my_corpus" / "shakespeare.txt").write_text(text[:60_000], encoding="utf-8")
+    checks = '''
+assert ids.shape == (4, 64)
+assert out.sequences[0, : prompt.shape[1]].tolist() == prompt[0].tolist()       # the prompt is kept
+assert prompt[0, 0].item() == AutoTokenizer.from_pretrained("dlm-quickstart", trust_remote_code=True).bos_token_id
+assert nelbo.shape == (4,) and bool((nelbo > 0).all())
+assert trainer.state.global_step == 100 and model.config.vocab_size == len(tok) == 50258
+metrics = trainer.evaluate()
+assert metrics["eval_loss"] == metrics["eval_nelbo"] > 0
+print("README snippets ran")
+'''
+    script = tmp_path / "snippets.py"
+    script.write_text("\n".join([*python, *pipeline[:1], checks]), encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "README snippets ran" in result.stdout
