@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,9 +44,12 @@ def test_readme_accelerate_launch_starts_two_processes_on_cpu(tmp_path):
     a CPU machine (accelerate's `--multi_gpu` is its torch.distributed launcher; `--cpu` would start one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     dlm = Path(sys.executable).with_name("dlm")
+    with socket.socket() as probe:  # a free port: the torchrun job beside it uses the default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", "0", str(dlm), "train", "--variant", "duo", "--size", "tiny", "--dataset",
-               "builtin", "--seq_len", "32", "--max_steps", "2", "--per_device_train_batch_size", "4",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(dlm), "train", "--variant",
+               "duo", "--size", "tiny", "--dataset", "builtin", "--seq_len", "32", "--max_steps", "2", "--per_device_train_batch_size", "4",
                "--max_eval_samples", "8", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
                "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)

@@ -165,7 +165,7 @@ def test_distillation_refuses_rounds_that_reach_dt_one(tmp_path):
 
 
 def test_distillation_rejects_a_masked_model(tmp_path):
-    with pytest.raises(TypeError, match="uniform-state"):
+    with pytest.raises(ValueError, match="DuoDistillationTrainer trains duo or sddlm models, got a 'mdlm' model"):
         DuoDistillationTrainer(model=tiny_model("mdlm"), args=_distill_args(tmp_path))
 
 

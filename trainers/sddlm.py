@@ -4,7 +4,7 @@
 with m the noise-replaced positions (`loss_mask`: "resampled" = every position drawn from the prior, the default;
 "changed" = z_t != x) and R the regularizer against collapse to uniform outputs (`regularizer`):
     "hinge"   R = relu(margin - KL(U || p_theta))                   penalises only a collapse to uniform (default)
-              with KL(U || p) = -log V - (1/V) sum_v log(p_v + eps), one fused reduction
+              with KL(U || p) = -log V - (1/V) sum_v log(p_v + eps) + log(1 + V eps) (0 at uniform), one reduction
     "mean"    R = (1/V) sum_v log(p_theta(v | z_t) + eps)         exact uniform expectation (the v2-style guess)
     "sampled" R = mean over K uniform negatives x^ of log(p_theta(x^ | z_t) + eps)   (v1 negative gradients)
     "none"    R = 0
@@ -51,8 +51,12 @@ def sddlm_loss(
         ones = torch.ones(x0.shape, device=x0.device)
         S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
         reg = S / V  # (B, L)
-        if regularizer == "hinge":  # KL(U || p) = -log V - mean_v log p_v; zero unless within `margin` of uniform
-            reg = torch.relu(regularizer_margin - (-math.log(V) - reg))
+        if regularizer == "hinge":
+            # KL(U || p) = -log V - mean_v log(p_v + eps), shifted by log(1 + V eps) so that it is exactly 0 at the
+            # uniform p (the eps would otherwise make it -0.049 at V = 50k and the hinge always active); zero unless
+            # a prediction is within `margin` of uniform
+            kl = -math.log(V) - reg + math.log1p(V * eps)
+            reg = torch.relu(regularizer_margin - kl)
     else:
         # log p[x] from the fused cross-entropy kernel
         flat = logits.reshape(-1, V).float()
