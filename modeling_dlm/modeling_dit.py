@@ -22,8 +22,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_dlm import DiffusionLMConfig
 
 
 class DiTLayerNorm(nn.Module):
@@ -145,15 +149,24 @@ class DiTAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (output (B, L, d), attention weights (B, H, L, L) or None). Weights come only from the eager
+        path: SDPA and the other fused kernels never materialise them."""
         B, L, _ = x.shape
         qkv = self.attn_qkv(x).view(B, L, 3, self.num_heads, self.head_dim)  # (B, L, 3, H, D)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        out, _ = attention_interface(
+        implementation = self.config._attn_implementation
+        if output_attentions and implementation not in (None, "eager"):
+            raise ValueError(
+                f"`output_attentions=True` needs the eager attention path, but this model runs "
+                f"attn_implementation={implementation!r} (the {implementation.upper()} path never materialises the "
+                f"attention weights); load it with `from_pretrained(..., attn_implementation=\"eager\")` or call "
+                f"`model.set_attn_implementation(\"eager\")`"
+            )
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        out, weights = attention_interface(
             self,
             q,
             k,
@@ -162,7 +175,7 @@ class DiTAttention(nn.Module):
             scaling=self.scaling,
             dropout=self.config.attention_dropout if self.training else 0.0,
         )  # (B, L, H, D)
-        return self.attn_out(out.reshape(B, L, -1))
+        return self.attn_out(out.reshape(B, L, -1)), (weights if output_attentions else None)
 
 
 class DiTMLP(nn.Module):
@@ -196,14 +209,16 @@ class DiTBlock(GradientCheckpointingLayer):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # (B, 1, d) each, in the reference order
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c)[:, None].chunk(6, -1)
         h = modulate(self.norm1(x), shift_msa, scale_msa).to(x.dtype)
-        x = x + gate_msa * self.dropout(self.attn(h, cos, sin, attention_mask))
+        attn, weights = self.attn(h, cos, sin, attention_mask, output_attentions)
+        x = x + gate_msa * self.dropout(attn)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp).to(x.dtype)
         x = x + gate_mlp * self.dropout(self.mlp(h))
-        return x  # (B, L, d)
+        return x, weights  # (B, L, d), (B, H, L, L) or None
 
 
 class DiTFinalLayer(nn.Module):
@@ -223,22 +238,70 @@ class DiTFinalLayer(nn.Module):
         return self.linear(h)  # (B, L, V)
 
 
-class DiTModel(nn.Module):
+@torch.no_grad()
+def init_dit_module(module: nn.Module, std: float) -> None:
+    """The weight init of every backbone module (shared by the dlm models' `_init_weights`): normal(0, std) Linear
+    and Embedding weights, zero biases, zeros for the layers marked `zero_init` (adaLN-zero modulation, output
+    layer), ones for the LayerNorm weights, the rotary table recomputed (a non-persistent buffer: after a meta-device
+    `from_pretrained` it must be rebuilt)."""
+    if isinstance(module, nn.Linear):
+        if getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
+        else:
+            init.normal_(module.weight, mean=0.0, std=std)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        init.normal_(module.weight, mean=0.0, std=std)
+    elif isinstance(module, DiTLayerNorm):
+        init.ones_(module.weight)
+    elif isinstance(module, RotaryEmbedding):
+        init.copy_(module.inv_freq, module._inv_freq(module.inv_freq.device))
+
+
+class DiTPreTrainedModel(PreTrainedModel):
+    """Makes the backbone a `PreTrainedModel`, as transformers expects of `model.base_model`
+    (`model.backbone.save_pretrained(...)` writes a checkpoint that the full model loads, reporting the head's
+    weights as missing). The full model's state-dict keys are unchanged (`backbone.` + these)."""
+
+    config_class = DiffusionLMConfig
+    base_model_prefix = "backbone"
+    main_input_name = "inputs_embeds"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+    _supports_sdpa = True
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        init_dit_module(module, self.config.initializer_range)
+
+
+class DiTModel(DiTPreTrainedModel):
     """Blocks + time embedding + final layer: (inputs_embeds (B, L, d), sigma (B,)) -> logits (B, L, V).
 
     `sigma` is the noise level of each sequence, in the units the variant feeds its time embedding
     (-log alpha_t for the discrete processes, the log noise-to-signal gamma for RePlaid). When
     `config.time_conditioning` is False it is ignored (zeros are embedded), as in MDLM.
+
+    `init_weights=False` (inside a dlm model): leave the weight init to the owning model's `post_init`, so that a
+    seeded model draws its weights in the same module order as when the backbone was a plain `nn.Module`.
     """
 
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
+    def __init__(self, config, init_weights: bool = True):
+        super().__init__(config)
         self.sigma_map = TimestepEmbedder(config.cond_dim)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.num_hidden_layers)])
         self.output_layer = DiTFinalLayer(config)
         self.gradient_checkpointing = False
+        self._defer_init_weights = not init_weights
+        self.post_init()
+
+    def init_weights(self):
+        if self.__dict__.pop("_defer_init_weights", False):
+            return  # the owning model's post_init initialises these modules (once, in its module order)
+        super().init_weights()
 
     def forward(
         self,
@@ -246,7 +309,10 @@ class DiTModel(nn.Module):
         sigma: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """Returns (logits (B, L, V), hidden states (num_layers + 1 of (B, L, d)) or None, attention weights
+        (num_layers of (B, H, L, L)) or None)."""
         B, L, _ = inputs_embeds.shape
         if sigma is None or not self.config.time_conditioning:
             sigma = torch.zeros(B, device=inputs_embeds.device)
@@ -257,9 +323,12 @@ class DiTModel(nn.Module):
             mask4d = attention_mask.bool()[:, None, None, :].expand(B, 1, L, L)  # keys only; True = attend
         x = inputs_embeds
         hidden_states = (x,) if output_hidden_states else None
+        attentions = () if output_attentions else None
         for block in self.blocks:
-            x = block(x, c, cos, sin, mask4d)
+            x, weights = block(x, c, cos, sin, mask4d, output_attentions)
             if output_hidden_states:
                 hidden_states = hidden_states + (x,)
+            if output_attentions:
+                attentions = attentions + (weights,)
         logits = self.output_layer(x, c)  # (B, L, V)
-        return logits, hidden_states
+        return logits, hidden_states, attentions

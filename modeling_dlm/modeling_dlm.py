@@ -35,9 +35,10 @@ from .generation_dlm import (
     RePlaidGenerationMixin,
     SDDLMGenerationConfig,
     SDDLMGenerationMixin,
+    _is_compiling,
     check_token_ids,
 )
-from .modeling_dit import DiTLayerNorm, DiTModel, RotaryEmbedding, TimestepEmbedder
+from .modeling_dit import DiTModel, init_dit_module
 from .noise_schedules import LearnedGammaSchedule, antithetic_times, gaussian_alpha_sigma, get_schedule
 from .scheduling_absorbing import AbsorbingStateScheduler
 from .scheduling_gaussian import GaussianEmbeddingScheduler, row_stopped_matmul
@@ -46,11 +47,13 @@ from .scheduling_uniform import UniformStateScheduler
 
 @dataclass
 class DiffusionLMOutput(ModelOutput):
-    """logits (B, L, V) over clean tokens; hidden_states per layer if requested."""
+    """logits (B, L, V) over clean tokens; hidden_states (the input embeddings and each block's output, B, L, d) and
+    attentions (each block's attention weights, B, H, L, L; eager attention only) if requested."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class DiffusionLMPreTrainedModel(PreTrainedModel):
@@ -105,29 +108,14 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            if getattr(module, "zero_init", False):
-                init.zeros_(module.weight)
-            else:
-                init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, DiTLayerNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, LearnedGammaSchedule):
+        if isinstance(module, LearnedGammaSchedule):
             init.normal_(module.W1_raw, mean=0.0, std=1.0)
             init.normal_(module.b1, mean=0.0, std=1.0)
             init.normal_(module.W2_raw, mean=0.0, std=1.0)
             init.constant_(module.gamma_0, float(self.config.gamma_0))
             init.constant_(module.gamma_1, float(self.config.gamma_1))
-        elif isinstance(module, RotaryEmbedding):
-            # non-persistent buffer: not in the checkpoint, so from_pretrained (meta-device init) must recompute it
-            init.copy_(module.inv_freq, module._inv_freq(module.inv_freq.device))
-        elif isinstance(module, TimestepEmbedder):
-            pass  # its Linear children are handled above
+        else:  # Linear (zero_init aware), Embedding, DiTLayerNorm, the rotary table: as in the backbone
+            init_dit_module(module, self.config.initializer_range)
 
     # ---- shared helpers --------------------------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Embedding:
@@ -135,6 +123,59 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.backbone.output_layer.linear
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.backbone.output_layer.linear = value
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """`PreTrainedModel.resize_token_embeddings`, with every vocabulary-sized part following the new size V':
+        the input embeddings (RePlaid: E (V, d_e), so its output prior follows too), the output layer (weight and
+        bias), `config.vocab_size`, and the noise process (`noise_scheduler` is rebuilt from the config: uniform
+        noise and the ELBO use V'). Rows are kept or cut at the end. Added rows: with `mean_resizing=True` (default)
+        transformers' mean init (embeddings and output rows near the old rows' mean, so new tokens start with an
+        average logit); with `mean_resizing=False` normal(0, initializer_range) embedding rows and zero output rows
+        (as the zero-initialised output layer). For RePlaid prefer `mean_resizing=False`: mean-initialised rows of
+        E are nearly identical directions, so the new tokens start indistinguishable in the Gaussian latent.
+        Special ids are never moved: MDLM keeps its configured `mask_token_id` (V - 1 of the old vocabulary, so
+        added tokens come after it); a size that would cut `mask_token_id`, `pad_token_id`, `bos_token_id` or
+        `eos_token_id` raises a ValueError before anything changes."""
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        target = self.get_input_embeddings().weight.shape[0] if new_num_tokens is None else new_num_tokens
+        if not isinstance(target, int) or isinstance(target, bool) or target < 2:
+            raise ValueError(f"`new_num_tokens` must be an integer >= 2, got {new_num_tokens!r}")
+        if pad_to_multiple_of is not None:
+            multiple = pad_to_multiple_of
+            if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+                raise ValueError(f"`pad_to_multiple_of` must be a positive integer, got {pad_to_multiple_of!r}")
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        for name in ("mask_token_id", "pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self.config, name, None)
+            if value is not None and value >= target:
+                raise ValueError(f"cannot resize the vocabulary to {target}: `config.{name}` = {value} would fall "
+                                 f"outside it (ids are kept, never moved); resize to more than {value} tokens, or "
+                                 f"set `config.{name}` to an id below {target} first")
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.get_output_embeddings().zero_init = True  # a later init_weights zeroes it like the original layer
+        return embeddings
+
+    def _get_resized_lm_head(self, old_lm_head, new_num_tokens=None, transposed=False, mean_resizing=True):
+        old = old_lm_head.weight.shape[1 if transposed else 0]
+        new_lm_head = super()._get_resized_lm_head(old_lm_head, new_num_tokens, transposed, mean_resizing)
+        if not mean_resizing and new_num_tokens is not None and new_num_tokens > old:
+            with torch.no_grad():  # zero rows, as the zero-initialised output layer (not normal(0, std))
+                (new_lm_head.weight[:, old:] if transposed else new_lm_head.weight[old:]).zero_()
+                if new_lm_head.bias is not None:
+                    new_lm_head.bias[old:].zero_()
+        return new_lm_head
 
     def _check_batch(self, input_ids, attention_mask):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -155,6 +196,22 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"`attention_mask` must have shape {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
+
+    def _backbone_output(self, inputs_embeds, time_input, attention_mask, output_attentions, output_hidden_states,
+                         return_dict) -> DiffusionLMOutput | tuple:
+        """The backbone's logits (and hidden states / attentions) as a `DiffusionLMOutput` or a tuple; None flags
+        read the config, as transformers models do."""
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if attention_mask is not None and not _is_compiling() and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the unmasked fast path (a data-dependent branch: eager only)
+        logits, hidden_states, attentions = self.backbone(
+            inputs_embeds, time_input, attention_mask, bool(output_hidden_states), bool(output_attentions)
+        )
+        output = DiffusionLMOutput(logits=logits, hidden_states=hidden_states, attentions=attentions)
+        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _reduce_per_sequence(per_token: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -200,7 +257,7 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.backbone = DiTModel(config)
+        self.backbone = DiTModel(config, init_weights=False)  # initialised by post_init below, in module order
         self.schedule = get_schedule(config.noise_schedule, config.schedule_eps)
         self.post_init()
 
@@ -240,11 +297,12 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         return convert_reference(cls, src, cls.reference_format, prefix=prefix, use_ema=use_ema, distilled=distilled,
                                  revision=revision, token=token, cache_dir=cache_dir, **config_overrides)
 
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.backbone.output_layer.linear
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.backbone.output_layer.linear = value
+    def _noise_process(self, key: tuple, build):
+        """The noise process for `key` (the config values it depends on), rebuilt when they change (a resize)."""
+        cached = self.__dict__.get("_noise_process_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_noise_process_cache"] = (key, build())
+        return cached[1]
 
     def forward(
         self,
@@ -253,6 +311,7 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         sigma: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> DiffusionLMOutput | tuple:
@@ -265,6 +324,7 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
             token_weights (`torch.Tensor` of shape `(B, L, V)`, *optional*): soft inputs (rows of probabilities); the
                 input embedding is `token_weights @ E` (Duo's relaxed curriculum input).
             inputs_embeds (`torch.Tensor` of shape `(B, L, hidden_size)`, *optional*): embeddings given directly.
+            output_attentions, output_hidden_states, return_dict: as in transformers; None reads the config.
         Exactly one of input_ids, token_weights and inputs_embeds must be given. Returns logits (B, L, V).
         """
         given = [x is not None for x in (input_ids, token_weights, inputs_embeds)]
@@ -290,20 +350,18 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
             sigma = sigma.expand(B) if sigma.dim() == 0 else sigma
             if sigma.shape != (B,):
                 raise ValueError(f"`sigma` must have shape ({B},), got {tuple(sigma.shape)}")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: take the unmasked fast path
-        logits, hidden_states = self.backbone(inputs_embeds, sigma, attention_mask, bool(output_hidden_states))
-        if return_dict is False:
-            return (logits,) if hidden_states is None else (logits, hidden_states)
-        return DiffusionLMOutput(logits=logits, hidden_states=hidden_states)
+        return self._backbone_output(inputs_embeds, sigma, attention_mask, output_attentions, output_hidden_states,
+                                     return_dict)
 
 
 class UniformDiffusionLM(DiscreteDiffusionLM):
     """Uniform-state process (SDDLM, Duo): the network is conditioned on sigma = -log alpha_t."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.noise_scheduler = UniformStateScheduler(config.vocab_size)
+    @property
+    def noise_scheduler(self) -> UniformStateScheduler:
+        """The uniform-state process over `config.vocab_size` tokens (follows `resize_token_embeddings`)."""
+        vocab_size = self.config.vocab_size
+        return self._noise_process((vocab_size,), lambda: UniformStateScheduler(vocab_size))
 
     def nelbo_per_token(
         self,
@@ -349,9 +407,12 @@ class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
     generation_config_class = MDLMGenerationConfig
     reference_format = "mdlm"
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.noise_scheduler = AbsorbingStateScheduler(config.vocab_size, config.mask_token_id)
+    @property
+    def noise_scheduler(self) -> AbsorbingStateScheduler:
+        """The masked process over `config.vocab_size` tokens with `config.mask_token_id` (follows
+        `resize_token_embeddings`, which keeps the mask id)."""
+        key = (self.config.vocab_size, self.config.mask_token_id)
+        return self._noise_process(key, lambda: AbsorbingStateScheduler(*key))
 
     def nelbo_per_token(
         self,
@@ -390,7 +451,7 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         self.self_cond_proj = nn.Linear(d_e, config.hidden_size, bias=False)
         self.self_cond_proj.zero_init = True
         self.noise_schedule = LearnedGammaSchedule(config.schedule_hidden_size, config.gamma_0, config.gamma_1)
-        self.backbone = DiTModel(config)
+        self.backbone = DiTModel(config, init_weights=False)  # initialised by post_init below, in module order
         self.noise_scheduler = GaussianEmbeddingScheduler(d_e)
         self.post_init()
 
@@ -408,6 +469,7 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         output_prior_scale: float = 1.0,
         gamma: torch.Tensor | None = None,
         output_prior_stop_gradient: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> DiffusionLMOutput | tuple:
@@ -424,6 +486,7 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
                 `config.time_input == "t"`.
             output_prior_stop_gradient (`(B,)` bool, *optional*): entries whose output-prior term sends no gradient to
                 the embeddings E (the self-conditioning entries in training, methods.md §C.3).
+            output_attentions, output_hidden_states, return_dict: as in transformers; None reads the config.
         """
         E = self.normalized_embeddings()
         if (input_ids is None) == (noisy_embeds is None):
@@ -436,7 +499,7 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         t = t.expand(B) if t.dim() == 0 else t
         if t.shape != (B,):
             raise ValueError(f"`t` must have shape ({B},), got {tuple(t.shape)}")
-        if bool(((t < 0) | (t > 1)).any()):
+        if not _is_compiling() and bool(((t < 0) | (t > 1)).any()):  # data-dependent: eager only
             raise ValueError(f"`t` must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
         if gamma is None:
             gamma, _ = self.noise_schedule(t)  # (B,) float64
@@ -460,17 +523,14 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         if self_cond is not None:
             h = h + self.self_cond_proj((self_cond.float() * d_e**0.5).to(self.self_cond_proj.weight.dtype))
         time_input = gamma.float() if self.config.time_input == "gamma" else t
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        logits, hidden_states = self.backbone(h, time_input, attention_mask, bool(output_hidden_states))
+        output = self._backbone_output(h, time_input, attention_mask, output_attentions, output_hidden_states, True)
         if self.config.output_prior and output_prior_scale:
             with torch.autocast(z.device.type, enabled=False):  # float32 under bf16 autocast: alpha/sigma^2 ~ 20
                 scaled = z * (output_prior_scale * alpha / sigma**2).float()[:, None, None]  # (B, L, d_e)
                 prior = row_stopped_matmul(scaled, E.T, output_prior_stop_gradient)  # (B, L, V)
-            logits = logits.float() + prior
-        if return_dict is False:
-            return (logits,) if hidden_states is None else (logits, hidden_states)
-        return DiffusionLMOutput(logits=logits, hidden_states=hidden_states)
+            output.logits = output.logits.float() + prior
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return output if return_dict else output.to_tuple()
 
     def _denoise(self, z, t, attention_mask, self_conditioning: bool, output_prior_scale: float = 1.0):
         """Logits at z_t, with a first no-grad pass producing the self-conditioning input when enabled."""
