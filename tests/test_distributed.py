@@ -49,7 +49,8 @@ def test_readme_accelerate_launch_starts_two_processes_on_cpu(tmp_path):
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(dlm), "train", "--variant",
-               "duo", "--size", "tiny", "--dataset", "builtin", "--seq_len", "32", "--max_steps", "2", "--per_device_train_batch_size", "4",
+               "duo", "--size", "tiny", "--dataset", "builtin", "--seq_len", "32", "--max_steps", "2",
+               "--per_device_train_batch_size", "4",
                "--max_eval_samples", "8", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
                "--output_dir", str(tmp_path / "out")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
