@@ -21,6 +21,13 @@ def _enumerate(V: int, L: int):
     return seqs
 
 
+def _random_source(V: int, L: int, seed: int):
+    """Every sequence of V^L and a random, skewed distribution over them."""
+    seqs = _enumerate(V, L)
+    p_x = torch.rand(len(seqs), generator=torch.Generator().manual_seed(seed), dtype=F64) ** 3
+    return seqs, p_x / p_x.sum()
+
+
 def _kernel(x: torch.Tensor, z: torch.Tensor, alpha: float, V: int) -> torch.Tensor:
     """q(z | x) for every pair, (n_x, n_z): prod_l (alpha 1[z_l = x_l] + (1 - alpha) / V)."""
     same = (x[:, None, :] == z[None, :, :]).to(F64)
@@ -68,10 +75,7 @@ def test_uniform_elbo_is_minimised_by_the_leave_one_out_predictive():
     """The ELBO with the exact leave-one-out denoiser is the minimum over all denoisers (a free table, optimised),
     and strictly below the ELBO with the full posterior p(x^l | z_t) (the former `elbo_denoiser="bayes"`)."""
     V, L, alpha = 3, 2, 0.6
-    gen = torch.Generator().manual_seed(0)
-    seqs = _enumerate(V, L)
-    p_x = torch.rand(len(seqs), generator=gen, dtype=F64) ** 3
-    p_x /= p_x.sum()
+    seqs, p_x = _random_source(V, L, seed=0)
     loo = _leave_one_out(p_x, seqs, alpha, V)
     at_loo = _expected_integrand(loo.log(), p_x, seqs, alpha, V)
     at_posterior = _expected_integrand(_posterior(p_x, seqs, alpha, V).log(), p_x, seqs, alpha, V)
@@ -121,10 +125,7 @@ def test_resampled_loss_mask_trains_the_elbo_optimum_and_changed_does_not():
 
     assert SDDLMConfig().loss_mask == "resampled"
     V, L, alpha = 3, 2, 0.6
-    gen = torch.Generator().manual_seed(1)
-    seqs = _enumerate(V, L)
-    p_x = torch.rand(len(seqs), generator=gen, dtype=F64) ** 3
-    p_x /= p_x.sum()
+    seqs, p_x = _random_source(V, L, seed=1)
     loo = _leave_one_out(p_x, seqs, alpha, V)
     resampled = _cross_entropy_minimiser(p_x, seqs, alpha, V, "resampled")
     changed = _cross_entropy_minimiser(p_x, seqs, alpha, V, "changed")
