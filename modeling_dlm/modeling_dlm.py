@@ -165,7 +165,12 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
                                  f"set `config.{name}` to an id below {target} first")
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         self.get_output_embeddings().zero_init = True  # a later init_weights zeroes it like the original layer
+        self.noise_scheduler = self._build_noise_process()  # uniform noise, the ELBO and the mask rule use V'
         return embeddings
+
+    def _build_noise_process(self):
+        """The variant's noise process, from the config (at init and after a resize)."""
+        raise NotImplementedError
 
     def _get_resized_lm_head(self, old_lm_head, new_num_tokens=None, transposed=False, mean_resizing=True):
         old = old_lm_head.weight.shape[1 if transposed else 0]
@@ -259,6 +264,7 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.backbone = DiTModel(config, init_weights=False)  # initialised by post_init below, in module order
         self.schedule = get_schedule(config.noise_schedule, config.schedule_eps)
+        self.noise_scheduler = self._build_noise_process()
         self.post_init()
 
     #: which released reference checkpoints `from_reference` reads ("duo", "mdlm"); None: none exist
@@ -297,12 +303,6 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         return convert_reference(cls, src, cls.reference_format, prefix=prefix, use_ema=use_ema, distilled=distilled,
                                  revision=revision, token=token, cache_dir=cache_dir, **config_overrides)
 
-    def _noise_process(self, key: tuple, build):
-        """The noise process for `key` (the config values it depends on), rebuilt when they change (a resize)."""
-        cached = self.__dict__.get("_noise_process_cache")
-        if cached is None or cached[0] != key:
-            cached = self.__dict__["_noise_process_cache"] = (key, build())
-        return cached[1]
 
     def forward(
         self,
@@ -357,11 +357,8 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
 class UniformDiffusionLM(DiscreteDiffusionLM):
     """Uniform-state process (SDDLM, Duo): the network is conditioned on sigma = -log alpha_t."""
 
-    @property
-    def noise_scheduler(self) -> UniformStateScheduler:
-        """The uniform-state process over `config.vocab_size` tokens (follows `resize_token_embeddings`)."""
-        vocab_size = self.config.vocab_size
-        return self._noise_process((vocab_size,), lambda: UniformStateScheduler(vocab_size))
+    def _build_noise_process(self) -> UniformStateScheduler:
+        return UniformStateScheduler(self.config.vocab_size)
 
     def nelbo_per_token(
         self,
@@ -407,12 +404,8 @@ class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
     generation_config_class = MDLMGenerationConfig
     reference_format = "mdlm"
 
-    @property
-    def noise_scheduler(self) -> AbsorbingStateScheduler:
-        """The masked process over `config.vocab_size` tokens with `config.mask_token_id` (follows
-        `resize_token_embeddings`, which keeps the mask id)."""
-        key = (self.config.vocab_size, self.config.mask_token_id)
-        return self._noise_process(key, lambda: AbsorbingStateScheduler(*key))
+    def _build_noise_process(self) -> AbsorbingStateScheduler:
+        return AbsorbingStateScheduler(self.config.vocab_size, self.config.mask_token_id)
 
     def nelbo_per_token(
         self,
@@ -452,8 +445,11 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         self.self_cond_proj.zero_init = True
         self.noise_schedule = LearnedGammaSchedule(config.schedule_hidden_size, config.gamma_0, config.gamma_1)
         self.backbone = DiTModel(config, init_weights=False)  # initialised by post_init below, in module order
-        self.noise_scheduler = GaussianEmbeddingScheduler(d_e)
+        self.noise_scheduler = self._build_noise_process()
         self.post_init()
+
+    def _build_noise_process(self) -> GaussianEmbeddingScheduler:
+        return GaussianEmbeddingScheduler(self.config.embedding_dim)
 
     def normalized_embeddings(self) -> torch.Tensor:
         weight = self.embed_tokens.weight.float()
