@@ -145,8 +145,8 @@ class NonFiniteGuardCallback(TrainerCallback):
 
 
 class InterruptCallback(TrainerCallback):
-    """First SIGINT: finish the optimizer step in flight, save a complete checkpoint, stop (`requested` is then True
-    and `checkpoint` names the folder); a second SIGINT raises KeyboardInterrupt at once.
+    """First SIGINT: finish the optimizer step in flight, save a complete checkpoint, stop (`requested` is then
+    True); a second SIGINT raises KeyboardInterrupt at once.
 
     Installed by the `dlm` command for single-process runs only: in a multi-process job every rank gets the signal
     at its own step, and stopping them at different steps would deadlock their collectives, so Ctrl-C keeps its
@@ -155,7 +155,6 @@ class InterruptCallback(TrainerCallback):
 
     def __init__(self):
         self.requested = False
-        self.step: int | None = None
         self._previous = None
 
     def install(self) -> bool:
@@ -178,6 +177,5 @@ class InterruptCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.requested:
-            self.step = state.global_step
             control.should_save = True
             control.should_training_stop = True

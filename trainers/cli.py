@@ -274,8 +274,7 @@ def _run_training(trainer, training_args, resume=None, resume_hint: str | None =
     if resume is None:
         resume = _resume_target(training_args.resume_from_checkpoint)
     interrupt = InterruptCallback()
-    installed = world == 1 and interrupt.install()
-    if installed:
+    if world == 1 and interrupt.install():
         trainer.add_callback(interrupt)
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -748,7 +747,7 @@ class QuickstartArguments:
     resume: bool = field(
         default=False,
         metadata={"help": "Continue an interrupted quickstart (Ctrl-C saves a checkpoint in --output_dir) from its "
-                          "last complete checkpoint; the result equals an uninterrupted run's."},
+                          "last complete checkpoint (optimizer, schedule, data order and EMA restored)."},
     )
 
 
