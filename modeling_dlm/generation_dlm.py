@@ -12,9 +12,13 @@ variant's hooks for the step itself:
 Temperature, top-k and top-p act on the denoiser's x_hat, never on the posterior (Duo issue #29). Given tokens (a
 prompt prefix, or everything outside `infill_mask`) are clamped after every step and never change.
 
-Differences from the reference loop, on purpose: the reference calls the network `steps` times on a grid ending at
-t = 1e-5 and then once more for noise removal; here the last of the `num_steps` calls does the noise removal, so
-`num_steps` is exactly the number of network calls.
+`num_steps` is always exactly the number of network calls; the last call decodes (the noise removal). Where it
+decodes is `final_step`:
+    - `"grid"`: on the even grid t_k = 1 - k / num_steps, so the last call decodes at t = 1 / num_steps;
+    - `"noise_removal"`: the first num_steps - 1 calls step along linspace(1, eps, num_steps) down to
+      t = eps = `noise_removal_eps` (1e-5), and the last call decodes there. This is the reference loop (Duo, MDLM,
+      Plaid): their `steps` posterior steps on linspace(1, 1e-5, steps + 1) plus one noise-removal call are
+      `num_steps = steps + 1` here, draw for draw.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ class DiffusionGenerationConfig(GenerationConfig):
     Args:
         num_steps: number of denoising steps, i.e. network calls (>= 1).
         sampler: one of `SAMPLERS` of the class (`"ancestral"`, `"greedy_tail"`; RePlaid: `"ancestral"`, `"ddim"`).
+        final_step: where the last network call decodes (argmax for `"greedy_tail"` and RePlaid, the posterior to
+            t = 0 for `"ancestral"`): `"grid"` at t = 1 / num_steps, or `"noise_removal"` at t = `noise_removal_eps`
+            after num_steps - 1 steps down to it (the reference loop). See the module docstring.
+        noise_removal_eps: the time of the noise-removal call with `final_step="noise_removal"` (1e-5, the
+            reference's).
         show_progress: draw a tqdm bar over the steps (off by default).
         output_trajectory: with `return_dict_in_generate`, also return the token draft after every step.
         max_new_tokens, temperature, top_k, top_p, return_dict_in_generate, pad/bos/eos ids: as in transformers.
@@ -51,10 +60,14 @@ class DiffusionGenerationConfig(GenerationConfig):
     SAMPLERS: tuple[str, ...] = ("ancestral", "greedy_tail")
     DEFAULT_NUM_STEPS = 128
     DEFAULT_SAMPLER = "ancestral"
+    FINAL_STEPS: tuple[str, ...] = ("grid", "noise_removal")
+    DEFAULT_FINAL_STEP = "noise_removal"
 
     def __init__(self, **kwargs):
         self.num_steps = kwargs.pop("num_steps", self.DEFAULT_NUM_STEPS)
         self.sampler = kwargs.pop("sampler", self.DEFAULT_SAMPLER)
+        self.final_step = kwargs.pop("final_step", self.DEFAULT_FINAL_STEP)
+        self.noise_removal_eps = kwargs.pop("noise_removal_eps", 1e-5)
         self.show_progress = kwargs.pop("show_progress", False)
         self.output_trajectory = kwargs.pop("output_trajectory", False)
         super().__init__(**kwargs)
@@ -74,6 +87,10 @@ class DiffusionGenerationConfig(GenerationConfig):
             bad("num_steps", "an integer >= 1")
         if self.sampler not in self.SAMPLERS:
             bad("sampler", f"one of {self.SAMPLERS}")
+        if self.final_step not in self.FINAL_STEPS:
+            bad("final_step", f"one of {self.FINAL_STEPS}")
+        if not (_is_number(self.noise_removal_eps) and 0 < self.noise_removal_eps < 1):
+            bad("noise_removal_eps", "a number in (0, 1)")
         if self.temperature is not None and not (_is_number(self.temperature) and self.temperature > 0):
             bad("temperature", "a number > 0")
         if self.top_p is not None and not (_is_number(self.top_p) and 0 < self.top_p <= 1):
@@ -333,7 +350,7 @@ class DiffusionLMGenerationMixin:
         self._token_ids_checked = True  # the loop feeds the network only ids it sampled: no per-step range check
         try:
             state = self._sampling_init(canvas, given, mask, gen, generator)
-            ts = torch.linspace(1.0, 0.0, gen.num_steps + 1, dtype=torch.float64, device=canvas.device)
+            ts = sampling_time_grid(gen, canvas.device)
             trajectory = []
             draft = canvas
             for k in _progress(range(gen.num_steps), gen.show_progress, f"{type(self).__name__} sampling"):
@@ -359,6 +376,16 @@ class DiffusionLMGenerationMixin:
                 num_forward_sequences=state.get("forward_sequences", gen.num_steps * B),
             )
         return draft
+
+
+def sampling_time_grid(gen: DiffusionGenerationConfig, device=None) -> torch.Tensor:
+    """The times of the loop, (num_steps + 1,) float64 from 1 to 0: call k runs at ts[k] and steps to ts[k + 1]; the
+    last call (ts[-2] -> 0) decodes. `final_step="grid"`: 1 - k / num_steps; `"noise_removal"`:
+    linspace(1, eps, num_steps) then 0."""
+    if gen.final_step == "grid":
+        return torch.linspace(1.0, 0.0, gen.num_steps + 1, dtype=torch.float64, device=device)
+    ts = torch.linspace(1.0, gen.noise_removal_eps, gen.num_steps, dtype=torch.float64, device=device)
+    return torch.cat([ts, ts.new_zeros(1)])
 
 
 def _is_compiling() -> bool:
@@ -391,7 +418,8 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
     def _sampling_step(self, state, t, s, is_last, gen, generator):
         z = state["z"]
         B = z.shape[0]
-        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
+        # s = 0 exactly at the last step: branch on is_last, not on the tensor s (no host sync)
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if not is_last else torch.ones_like(t)
         sigma = (-torch.log(alpha_t)).float().expand(B)
         logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits  # (B, L, V)
         # x_hat = softmax(logits) is never written out: the mixture step needs it at z_t and on the rows it draws from
@@ -428,7 +456,8 @@ class MDLMGenerationMixin(DiffusionLMGenerationMixin):
     def _sampling_step(self, state, t, s, is_last, gen, generator):
         z = state["z"]
         sched = self.noise_scheduler
-        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if s > 0 else torch.ones_like(t)
+        # s = 0 exactly at the last step: branch on is_last, not on the tensor s (no host sync)
+        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if not is_last else torch.ones_like(t)
         # Filtered logits of x_hat = softmax(logits), cached per sequence: the network ignores time, so a sequence
         # whose z_t did not change since its last call keeps its x_hat exactly (MDLM's caching sampler, per row).
         logits, stale = state["logits"], state["stale"]

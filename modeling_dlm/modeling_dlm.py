@@ -451,6 +451,13 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
     def _build_noise_process(self) -> GaussianEmbeddingScheduler:
         return GaussianEmbeddingScheduler(self.config.embedding_dim)
 
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is getattr(self, "embed_tokens", None) and self.config.embedding_init == "unit_norm":
+            weight = module.weight
+            init.copy_(weight, weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # Plaid's rows
+
     def normalized_embeddings(self) -> torch.Tensor:
         weight = self.embed_tokens.weight.float()
         return weight / (weight.norm(dim=-1, keepdim=True) + 1e-8)  # (V, d_e)

@@ -48,7 +48,7 @@ def test_console_script_and_help():
         "train": ("--variant", "--size", "--config", "--dataset", "--dataset_config", "--tokenizer", "--seq_len",
                   "--max_steps", "--output_dir", "--learning_rate", "--ema_decay"),
         "eval": ("--dataset", "--seq_len", "--max_eval_samples", "--num_time_samples"),
-        "generate": ("--num_steps", "--sampler", "--num_samples", "--prompt", "--top_p"),
+        "generate": ("--num_steps", "--sampler", "--final_step", "--num_samples", "--prompt", "--top_p"),
         "push": ("model_dir", "repo_id"),
         "quickstart": ("--output_dir", "--max_steps"),
         "distill": ("--teacher", "--distill_round_steps", "--distill_num_steps", "--seq_len", "--max_steps"),
@@ -111,9 +111,12 @@ def test_train_eval_generate_roundtrip(tmp_path, text_file):
     assert refused.returncode != 0 and "is scored whole" in refused.stderr
 
     result = run_dlm("generate", str(out), "--num_samples", "2", "--max_new_tokens", "12", "--num_steps", "4",
-                     "--prompt", "ROMEO:", "--sampler", "greedy_tail", "--show_progress", "false")
+                     "--prompt", "ROMEO:", "--sampler", "greedy_tail", "--final_step", "noise_removal",
+                     "--show_progress", "false")
     assert result.stdout.count("--- sample") == 2
     assert result.stdout.count("ROMEO:") == 2
+    refused = run_dlm("generate", str(out), "--num_steps", "2", "--final_step", "last", check=False)
+    assert refused.returncode == 2 and "final_step" in refused.stderr
 
 
 def test_train_ar_baseline_and_eval(tmp_path, text_file):

@@ -120,6 +120,7 @@ INVALID_CONFIGS = [
     ("replaid", {"time_input": "sigma"}, "time_input"),
     ("replaid", {"gamma_0": 6.0, "gamma_1": -3.0}, "gamma_0"),
     ("replaid", {"embedding_dim": 0}, "embedding_dim"),
+    ("replaid", {"embedding_init": "xavier"}, "embedding_init"),
     ("sddlm", {"time_conditioning": False}, "time_conditioning"),
     ("duo", {"time_conditioning": False}, "time_conditioning"),
 ]
@@ -687,6 +688,9 @@ def test_generate_rejects_bad_arguments(variant, batch):
         (dict(num_steps=0), ValueError, "num_steps"),
         (dict(num_steps=2.5), ValueError, "num_steps"),
         (dict(sampler="euler"), ValueError, "sampler"),
+        (dict(final_step="last"), ValueError, "final_step"),
+        (dict(final_step="noise_removal", noise_removal_eps=0.0), ValueError, "noise_removal_eps"),
+        (dict(final_step="noise_removal", noise_removal_eps=1.0), ValueError, "noise_removal_eps"),
         (dict(top_p=0.0), ValueError, "top_p"),
         (dict(top_p=1.5), ValueError, "top_p"),
         (dict(temperature=0.0), ValueError, "temperature"),
@@ -958,3 +962,68 @@ def test_sddlm_plugs_the_raw_softmax_into_the_elbo_and_refuses_the_old_bayes_den
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="elbo_denoiser='bayes'.* no longer supported"):
         type(model).from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The final step: decode at t = 1/num_steps ("grid") or after stepping to t = eps ("noise_removal", the reference)
+# ---------------------------------------------------------------------------------------------------------------------
+def _call_times(model, variant_name: str, **kwargs) -> list[float]:
+    """The time t of every network call of one generate, read from the call's own inputs."""
+    times = []
+
+    def hook(_module, args, kw):
+        if variant_name == "replaid":
+            times.append(float(kw["t"][0]))
+        else:  # sigma = -log alpha_t of the log-linear schedule: alpha_t = 1 - (1 - eps) t
+            alpha = math.exp(-float(kw["sigma"][0]))
+            times.append((1 - alpha) / (1 - model.config.schedule_eps))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = model.generate(batch_size=2, max_new_tokens=5, generator=gen(0), return_dict_in_generate=True,
+                             **kwargs)
+    finally:
+        handle.remove()
+    assert out.num_forward_passes == len(times) == kwargs["num_steps"]
+    return times
+
+
+@pytest.mark.parametrize("variant_name", UNIFORM + ["replaid"])
+@pytest.mark.parametrize("sampler", ["ancestral", "greedy_tail"])
+def test_final_step_sets_the_time_of_every_call(variant_name, sampler):
+    if variant_name == "replaid" and sampler == "greedy_tail":
+        sampler = "ddim"
+    model = tiny_model(variant_name)
+    N = 5
+    grid = _call_times(model, variant_name, num_steps=N, sampler=sampler, final_step="grid")
+    assert grid == pytest.approx([1 - k / N for k in range(N)], abs=1e-6)  # the last call decodes at t = 1/N
+    ref = _call_times(model, variant_name, num_steps=N, sampler=sampler, final_step="noise_removal")
+    eps = 1e-5
+    assert ref == pytest.approx([1 - k * (1 - eps) / (N - 1) for k in range(N)], abs=1e-6)  # ... at t = eps
+    assert ref[-1] == pytest.approx(eps, abs=1e-6)
+    custom = _call_times(model, variant_name, num_steps=N, sampler=sampler, final_step="noise_removal",
+                         noise_removal_eps=0.05)
+    assert custom[-1] == pytest.approx(0.05, abs=1e-6)
+    # one step: both forms are the single decode at t = 1
+    assert _call_times(model, variant_name, num_steps=1, final_step="noise_removal") == pytest.approx([1.0])
+
+
+def test_noise_removal_is_the_reference_loop(batch):
+    """final_step="noise_removal" with num_steps = S + 1 is the reference sampler: S posterior steps on
+    linspace(1, 1e-5, S + 1), then the greedy noise removal at t = 1e-5, draw for draw."""
+    model = tiny_model("duo").eval()
+    S, B, L = 4, 2, 6
+    out = model.generate(batch_size=B, max_new_tokens=L, num_steps=S + 1, sampler="greedy_tail",
+                         final_step="noise_removal", generator=gen(3))
+    g = gen(3)
+    sched = model.noise_scheduler
+    z = sched.prior_sample((B, L), generator=g, device=torch.device("cpu"))
+    ts = torch.linspace(1.0, 1e-5, S + 1, dtype=torch.float64)
+    with torch.no_grad():
+        for k in range(S):
+            alpha_t, alpha_s = model.schedule.alpha(ts[k]), model.schedule.alpha(ts[k + 1])
+            logits = model(input_ids=z, sigma=(-torch.log(alpha_t)).float().expand(B)).logits
+            z = sched.step_from_logits(logits, z, alpha_t, alpha_s, generator=g)
+        alpha = model.schedule.alpha(ts[-1])
+        z = model(input_ids=z, sigma=(-torch.log(alpha)).float().expand(B)).logits.argmax(-1)
+    assert torch.equal(out, z)

@@ -18,7 +18,7 @@ from modeling_dlm import RePlaidConfig, RePlaidForDiffusionLM
 from trainers import DiffusionTrainingArguments, RePlaidTrainer
 from trainers.replaid import SPLIT_STATE_NAME, ReconstructionShareCallback, plan_batch, replaid_training_loss
 
-from .conftest import gen, shared_data, tiny_model
+from .conftest import gen, shared_data, tiny_config, tiny_model
 
 
 F64 = torch.float64
@@ -458,3 +458,21 @@ def test_row_stopped_matmul_matches_two_products(shape):
     torch.testing.assert_close(ga, ra)
     torch.testing.assert_close(gw, rw)
     assert torch.equal(row_stopped_matmul(a, w, torch.zeros(B, dtype=torch.bool)), a @ w)
+
+
+@pytest.mark.parametrize("embedding_init", ["normal", "unit_norm"])
+def test_embedding_init(embedding_init, tmp_path):
+    """`embedding_init="unit_norm"` (Plaid) starts every row at norm 1; "normal" draws N(0, initializer_range^2);
+    the choice survives save and reload, and the reloaded rows are the saved ones (not re-initialised)."""
+    torch.manual_seed(0)
+    model = RePlaidForDiffusionLM(tiny_config("replaid", embedding_dim=64, embedding_init=embedding_init))
+    norms = model.embed_tokens.weight.norm(dim=-1)
+    if embedding_init == "unit_norm":
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-6)
+    else:
+        expected = model.config.initializer_range * 64 ** 0.5
+        assert abs(norms.mean().item() - expected) < 0.1 * expected
+    model.save_pretrained(tmp_path)
+    reloaded = RePlaidForDiffusionLM.from_pretrained(tmp_path)
+    assert reloaded.config.embedding_init == embedding_init
+    assert torch.equal(reloaded.embed_tokens.weight, model.embed_tokens.weight)

@@ -385,6 +385,8 @@ class EvalArguments:
     num_samples: int = field(default=16, metadata={"help": "Samples scored by the judge."})
     gen_num_steps: int | None = field(default=None, metadata={"help": "Denoising steps of the judged samples."})
     sampler: str | None = field(default=None, metadata={"help": "Sampler of the judged samples."})
+    final_step: str | None = field(default=None, metadata={"help": "grid | noise_removal: where the last call of "
+                                                                   "the judged samples decodes."})
     top_p: float | None = field(default=None, metadata={"help": "Nucleus filtering of the judged samples."})
 
 
@@ -487,13 +489,16 @@ def cmd_eval(argv: list[str]) -> int:
             raise ValueError(f"--judge {eval_args.judge} must be a causal LM, got a diffusion model")
         judge_tokenizer = _load_checkpoint_tokenizer(eval_args.judge, judge)
         settings = {k: v for k, v in (("num_steps", eval_args.gen_num_steps), ("sampler", eval_args.sampler),
-                                      ("top_p", eval_args.top_p)) if v is not None}
+                                      ("final_step", eval_args.final_step), ("top_p", eval_args.top_p))
+                    if v is not None}
         result.update(generative_perplexity(model, tokenizer, judge, judge_tokenizer,
                                             num_samples=eval_args.num_samples, seq_len=data_args.seq_len,
                                             batch_size=eval_args.batch_size, seed=eval_args.seed, **settings))
         gen = model.generation_config
         result.update({"gen_num_steps": settings.get("num_steps", gen.num_steps),
-                       "sampler": settings.get("sampler", gen.sampler), "top_p": settings.get("top_p", gen.top_p)})
+                       "sampler": settings.get("sampler", gen.sampler),
+                       "final_step": settings.get("final_step", gen.final_step),
+                       "top_p": settings.get("top_p", gen.top_p)})
     result.update({"model": eval_args.model_dir, "dataset": data_args.dataset, "split": split,
                    "lines": counts["lines"], "documents": counts["documents"], "text_tokens": counts["text_tokens"],
                    "rows": len(dataset), "rows_total": counts["rows"], "max_eval_samples": data_args.max_eval_samples,
@@ -513,6 +518,9 @@ class GenerateArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate per sample."})
     num_steps: int | None = field(default=None, metadata={"help": "Denoising steps (default: generation config)."})
     sampler: str | None = field(default=None, metadata={"help": "ancestral | greedy_tail (RePlaid: ancestral|ddim)."})
+    final_step: str | None = field(default=None, metadata={"help": "grid (decode at t = 1/num_steps) | noise_removal "
+                                                                   "(step to t = 1e-5, then decode: the reference "
+                                                                   "loop). Default: generation config."})
     temperature: float | None = field(default=None, metadata={"help": "Temperature on x_hat."})
     top_p: float | None = field(default=None, metadata={"help": "Nucleus filtering of x_hat."})
     top_k: int | None = field(default=None, metadata={"help": "Top-k filtering of x_hat."})
@@ -535,7 +543,7 @@ def cmd_generate(argv: list[str]) -> int:
         raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
     model = _load_model(args.model_dir, args.device)
     tokenizer = _load_checkpoint_tokenizer(args.model_dir, model)
-    kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "temperature", "top_p", "top_k")
+    kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "final_step", "temperature", "top_p", "top_k")
               if getattr(args, k) is not None}
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     input_ids = None
