@@ -45,12 +45,13 @@ RUNS = {
     "sddlm (no reg.)": ("sddlm", [], {"regularizer": "none", "loss_mask": "changed"}),
     "duo": ("duo", [], {}),
     "duo (curriculum)": ("duo", ["--curriculum_steps", "{half}"], {}),
-    "replaid": ("replaid", [], {}),
+    "replaid": ("replaid", [], {}),  # the defaults: embedding width 16, unit-norm rows
+    "replaid (DiT width)": ("replaid", [], {"embedding_dim": "{hidden}"}),  # the project page's "MDLM's rank"
 }
 #: relative cost of a run (training + evaluation, measured at 120 steps on 2 CPU cores), to schedule the longest first
 COST = {"ar": 0.5, "mdlm": 0.8, "sddlm": 0.85, "sddlm (mean reg.)": 0.85, "sddlm (sampled reg.)": 0.95,
         "sddlm (no reg.)": 0.9,
-        "duo": 1.0, "duo (curriculum)": 1.4, "replaid": 2.0}
+        "duo": 1.0, "duo (curriculum)": 1.4, "replaid": 2.0, "replaid (DiT width)": 2.5}
 
 
 def _slug(name: str) -> str:
@@ -83,7 +84,7 @@ def train_and_bound(name: str, args, workdir: Path) -> dict:
     if variant == "ar":
         config.update(intermediate_size=4 * args.hidden, tie_word_embeddings=False)
     else:
-        config.update(cond_dim=128, **fields)
+        config.update(cond_dim=128, **{k: args.hidden if v == "{hidden}" else v for k, v in fields.items()})
     (out / "bench_config.json").write_text(json.dumps(config))
     log = out / "log.txt"
     model_dir = out / "model"

@@ -84,3 +84,27 @@ def test_quality_bench_resumes(tmp_path):
     assert model_file.stat().st_mtime_ns == stamp  # not retrained
     assert json.loads((tmp_path / "quality.json").read_text())["results"] == result
     assert "mdlm" in again
+
+
+def test_replaid_embedding_bench(tmp_path):
+    out = tmp_path / "replaid_embedding.json"
+    stdout = run_script("replaid_embedding.py", "--vocab", "300", "--seq", "16", "--hidden", "32", "--layers", "1",
+                        "--heads", "2", "--steps", "2", "--batch", "4", "--eval_blocks", "4",
+                        "--runs", "d16 unit_norm shared", "d32 normal plaid", "mdlm", "--out", str(out))
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"d16 unit_norm shared", "d32 normal plaid", "mdlm"}
+    assert all(positive(r["nelbo"]) for r in rows.values())
+    assert 1 <= rows["d16 unit_norm shared"]["participation_ratio"] <= 16
+    assert abs(rows["d32 normal plaid"]["mean_cosine"]) < 1
+    assert "best:" in stdout
+
+
+def test_equal_steps_bound_bench(tmp_path):
+    out = tmp_path / "equal_steps_bound.json"
+    stdout = run_script("equal_steps_bound.py", "--vocab", "300", "--seq", "16", "--hidden", "32", "--layers", "1",
+                        "--heads", "2", "--steps", "2", "--batch", "4", "--eval_blocks", "4",
+                        "--variants", "mdlm", "replaid", "--out", str(out))
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"mdlm", "replaid"} and rows["mdlm"]["nelbo_over_mdlm"] == 1.0
+    assert all(positive(r["nelbo"]) and positive(r["ppl_bound"]) for r in rows.values())
+    assert "NELBO / MDLM" in stdout
