@@ -230,12 +230,12 @@ class RePlaidConfig(DiffusionLMConfig):
 
     Args:
         embedding_dim: width d_e of the learned diffusion embeddings (16, Plaid's). The sources conflict: the RePlaid
-            project page says its embedding matrix matches MDLM's rank (the DiT width); at equal budget 16 gave the
-            lower bound (`bench/replaid_embedding.py`), so it stays the default.
+            project page says its embedding matrix matches MDLM's rank (the DiT width). At equal budget the two
+            widths tie within seed noise (`bench/replaid_embedding.py`, 3 seeds), so the cheaper 16 is the default.
         embedding_init: initialisation of the embedding rows, `"unit_norm"` (default, Plaid: Gaussian rows scaled to
             norm 1) or `"normal"` (N(0, initializer_range^2), as every other weight). The rows are re-normalised on
-            every use, so the two differ only in the rows' norm, which sets how fast Adam rotates them; unit rows
-            gave a 0.15 nats lower bound at width 16 (`bench/replaid_embedding.py`).
+            every use, so the two differ only in the rows' norm, which sets how fast Adam rotates them (unit rows
+            make that independent of `initializer_range`); the bounds tie within seed noise (3 seeds).
         self_conditioning: feed the previous x0-embedding estimate back as an input (Plaid/RePlaid default on).
         output_prior: add the analytic Gaussian term (alpha / sigma^2) <z_t, E_v> to the logits.
         gamma_0, gamma_1: initial values of the learnable log noise-to-signal endpoints (-3 and 6).
