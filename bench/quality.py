@@ -39,6 +39,7 @@ RUNS = {
     "ar": ("ar", [], {}),
     "mdlm": ("mdlm", [], {}),
     "sddlm": ("sddlm", [], {}),  # the defaults: resampled mask, collapse hinge
+    "sddlm (resampled, no reg.)": ("sddlm", [], {"regularizer": "none"}),  # the hinge's effect at V = 50k
     # the rows recorded before the defaults changed (changed-token mask), kept comparable
     "sddlm (mean reg.)": ("sddlm", [], {"regularizer": "mean", "loss_mask": "changed"}),
     "sddlm (sampled reg.)": ("sddlm", [], {"regularizer": "sampled", "loss_mask": "changed"}),
@@ -49,7 +50,8 @@ RUNS = {
     "replaid (DiT width)": ("replaid", [], {"embedding_dim": "{hidden}"}),  # the project page's "MDLM's rank"
 }
 #: relative cost of a run (training + evaluation, measured at 120 steps on 2 CPU cores), to schedule the longest first
-COST = {"ar": 0.5, "mdlm": 0.8, "sddlm": 0.85, "sddlm (mean reg.)": 0.85, "sddlm (sampled reg.)": 0.95,
+COST = {"ar": 0.5, "mdlm": 0.8, "sddlm": 0.85, "sddlm (resampled, no reg.)": 0.85, "sddlm (mean reg.)": 0.85,
+        "sddlm (sampled reg.)": 0.95,
         "sddlm (no reg.)": 0.9,
         "duo": 1.0, "duo (curriculum)": 1.4, "replaid": 2.0, "replaid (DiT width)": 2.5}
 
