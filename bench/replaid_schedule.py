@@ -16,7 +16,6 @@ variation of L_diff over t, and writes bench/results/replaid_schedule.{json,png}
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -61,33 +60,19 @@ def per_time_metrics(model, blocks: torch.Tensor, ts: list[float], batch_size: i
 
 
 def main() -> None:
+    from common import wikitext_parser
+
     from modeling_dlm import RePlaidConfig, RePlaidForDiffusionLM
     from trainers import DiffusionTrainingArguments, RePlaidTrainer
     from trainers.data import build_datasets, builtin_tokenizer
     from trainers.evaluation import evaluate_likelihood
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
-                                                 "wikitext-2-raw"))
-    parser.add_argument("--vocab", type=int, default=1024, help="size of the built-in BPE tokenizer")
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser = wikitext_parser(__doc__, "replaid_schedule")
     parser.add_argument("--schedule_lr", type=float, default=1e-2, help="schedule and gamma bounds (Plaid: 1e-2)")
     parser.add_argument("--embedding_lr", type=float, default=1e-2, help="embeddings, both runs (Plaid: 1e-2)")
     parser.add_argument("--output_prior_warmup", type=int, default=100)
     parser.add_argument("--num_t", type=int, default=20)
-    parser.add_argument("--eval_blocks", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads (1: on a busy 2-core machine, 2 threads oversubscribe and ran 5-45x "
-                             "slower; use 2 on an idle one)")
     parser.add_argument("--work_dir", default="runs/bench-replaid-schedule")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "replaid_schedule"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start_all = time.perf_counter()
