@@ -39,6 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 CASES = [
     ("sddlm", "sddlm", {}, {}),
     ("sddlm (no reg.)", "sddlm", {}, {"regularizer": "none"}),
+    ("sddlm (simple loss only)", "sddlm", {}, {"elbo_weight": 0.0}),
     ("duo (elbo)", "duo", {}, {}),
     ("duo (curriculum)", "duo", {"curriculum_steps": 10}, {}),
     ("duo (curric. top-2)", "duo", {"curriculum_steps": 10, "curriculum_top_k": 2}, {}),

@@ -149,6 +149,10 @@ class SDDLMConfig(DiffusionLMConfig):
             loss positions, then over sequences: every t weighs the same, as in the ELBO's time integral).
         num_negative_samples: uniform negatives per position for `regularizer="sampled"` (v1 default 1).
         regularizer_eps: epsilon added to probabilities before the log (1e-6, as in the v1 transcription).
+        elbo_weight: mu in the hybrid L = L_simple + mu * NELBO (the uniform-state bound of §B.3.1 on the same z_t
+            and logits, as in the hybrid objective of Nichol & Dhariwal 2021 for Gaussian diffusion): 0.1, chosen by
+            `bench/sddlm_vocab.py`; 0 trains the paper's simple loss alone. See `trainers/sddlm.py` for why the bound
+            needs it at low noise.
     """
 
     model_type = "sddlm"
@@ -160,6 +164,7 @@ class SDDLMConfig(DiffusionLMConfig):
     loss_normalization: str = "batch"
     num_negative_samples: int = 1
     regularizer_eps: float = 1e-6
+    elbo_weight: float = 0.1
 
     def __post_init__(self, **kwargs):
         # `elbo_denoiser` existed until dlm 0.1: "raw" is what every model now does; "bayes" was wrong (it conditions
@@ -171,7 +176,7 @@ class SDDLMConfig(DiffusionLMConfig):
                f"ELBO (remove the field from config.json)")
         if hasattr(self, "elbo_denoiser"):
             del self.elbo_denoiser
-        _check_numbers(self, ("regularizer_weight", "regularizer_eps", "regularizer_margin"))
+        _check_numbers(self, ("regularizer_weight", "regularizer_eps", "regularizer_margin", "elbo_weight"))
         _check(self.loss_mask in ("changed", "resampled"),
                f"`loss_mask` must be 'changed' or 'resampled', got {self.loss_mask!r}")
         _check(self.regularizer in ("hinge", "mean", "sampled", "none"),
@@ -183,6 +188,7 @@ class SDDLMConfig(DiffusionLMConfig):
         _check(isinstance(self.num_negative_samples, int) and self.num_negative_samples >= 1,
                f"`num_negative_samples` must be a positive integer, got {self.num_negative_samples!r}")
         _check(self.regularizer_eps >= 0, f"`regularizer_eps` must be >= 0, got {self.regularizer_eps!r}")
+        _check(self.elbo_weight >= 0, f"`elbo_weight` must be >= 0, got {self.elbo_weight!r}")
         _check(self.time_conditioning, "uniform-state models must condition on time: `time_conditioning=False` "
                                        "is not allowed for SDDLM")
         super().__post_init__(**kwargs)

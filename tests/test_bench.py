@@ -108,3 +108,16 @@ def test_equal_steps_bound_bench(tmp_path):
     assert set(rows) == {"mdlm", "replaid"} and rows["mdlm"]["nelbo_over_mdlm"] == 1.0
     assert all(positive(r["nelbo"]) and positive(r["ppl_bound"]) for r in rows.values())
     assert "NELBO / MDLM" in stdout
+
+
+def test_sddlm_vocab_bench(tmp_path):
+    out = tmp_path / "sddlm_vocab.json"
+    stdout = run_script("sddlm_vocab.py", "--sources", "markov16", "--steps", "2", "--seeds", "0", "1",
+                        "--cases", "duo", "sddlm (default: hinge + 0.1 NELBO)", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [(r["case"], r["seed"]) for r in result["rows"]] == [
+        ("duo", 0), ("duo", 1), ("sddlm (default: hinge + 0.1 NELBO)", 0), ("sddlm (default: hinge + 0.1 NELBO)", 1)]
+    assert all(positive(r["nelbo"]) and len(r["integrand"]) == len(result["t_grid"]) for r in result["rows"])
+    assert all(positive(v) for r in result["rows"] for v in r["integrand"])
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "/ Duo" in stdout and "1.000x" in stdout

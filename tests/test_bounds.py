@@ -44,8 +44,8 @@ def sample_sequences(transition, pi, n: int, g: torch.Generator) -> torch.Tensor
         ("mdlm", {}, 0.5),
         ("duo", {}, 0.5),
         ("replaid", {"schedule_hidden_size": 32, "embedding_dim": 8}, 0.5),
-        # SDDLM's objective is not a likelihood, but with its defaults (resampled loss mask, collapse hinge) the
-        # network learns the leave-one-out predictive that minimises the ELBO: the bound is informative at V = 12
+        # SDDLM's objective is not a likelihood, but with its defaults (resampled loss mask, collapse hinge, 0.1 x
+        # NELBO) the network learns the leave-one-out predictive that minimises the ELBO: informative at V = 12
         ("sddlm", {}, 0.5),
         # with the "mean" regulariser at weight 1 the optimum truncates every token below 1 / V (one-hot at this
         # tiny vocabulary) and the bound, though valid, can exceed log V: check validity only

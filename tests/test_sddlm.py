@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from modeling_dlm.scheduling_uniform import UniformStateScheduler
@@ -133,3 +134,35 @@ def test_resampled_loss_mask_trains_the_elbo_optimum_and_changed_does_not():
     elbo_resampled = _expected_integrand(resampled.log(), p_x, seqs, alpha, V)
     elbo_changed = _expected_integrand(changed.log(), p_x, seqs, alpha, V)
     assert elbo_changed > elbo_resampled * 1.05
+
+
+def test_low_noise_end_of_the_elbo_penalises_little_mass_on_data_tokens_as_one_over_p():
+    """At alpha -> 1 a clean position's ELBO integrand tends to |alpha'| (1 / p(x) - 1) / V, so its expectation over
+    x ~ q (the leave-one-out predictive) is |alpha'| (sum_v q_v / p_v - 1) / V: it grows like q_v / p_v for a token
+    that the data use and the model nearly rules out (cross-entropy grows only like q_v log(1 / p_v)), and on its own
+    it is minimised by the flatter p ~ sqrt(q). At low noise almost every position is clean, so this is the part of
+    the bound that the simple loss, log p on the few resampled positions, controls least: the reason for SDDLM's
+    `elbo_weight` (trainers/sddlm.py)."""
+    V = 7
+    sched = UniformStateScheduler(V)
+    g = torch.Generator().manual_seed(0)
+    q = torch.rand(V, generator=g, dtype=F64).softmax(-1)
+    dalpha = torch.tensor([-(1 - 1e-3)], dtype=F64)
+    x = torch.arange(V)[None]  # (1, V): position l holds the clean token l, z_t = x
+
+    def clean_integrand(p, alpha):
+        return sched.nelbo_per_token(p.log().expand(1, V, V), x, x, torch.tensor([alpha], dtype=F64), dalpha,
+                                     dtype=F64)[0]  # (V,)
+
+    p = (3 * torch.randn(V, generator=g, dtype=F64)).softmax(-1)  # a sharp, wrong prediction
+    limit = (1 - 1e-3) * (1 / p - 1) / V
+    errors = [float(((clean_integrand(p, alpha) - limit) / limit).abs().max()) for alpha in (1 - 1e-5, 1 - 1e-10)]
+    assert errors[1] < 1e-4 and errors[1] < errors[0] / 100, errors  # converges to the limit as alpha -> 1
+
+    def expected(p):
+        return float((q * clean_integrand(p, 1 - 1e-10)).sum())
+
+    assert expected(p) == pytest.approx(float((1 - 1e-3) * ((q / p).sum() - 1) / V), rel=1e-4)
+    flat = q.sqrt() / q.sqrt().sum()
+    assert expected(flat) < expected(q) < expected(p)  # rewards hedging; the sharp wrong p costs the most
+    assert expected(p) > 5 * expected(q)

@@ -248,6 +248,32 @@ def test_sddlm_loss_pure_function():
         sddlm_loss(logits, x0, positions, regularizer="contrastive")
 
 
+def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(tmp_path):
+    """elbo_weight = mu adds mu times the uniform-state NELBO of the same z_t and logits: the difference to the simple
+    loss is mu * NELBO, and that NELBO is the model's own `nelbo_per_token` on the same noise draw."""
+    from trainers.sddlm import SDDLMTrainer
+
+    config_class, model_class = VARIANTS["sddlm"]
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=29, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
+                                     elbo_weight=0.5))
+    ids = torch.randint(0, 29, (4, 12), generator=torch.Generator().manual_seed(3))
+    trainer = SDDLMTrainer(model=model, args=make_args(tmp_path),
+                           train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
+    t = torch.tensor([0.02, 0.3, 0.6, 0.97])
+    hybrid, stats = trainer.diffusion_loss(model, model, ids, None, t, torch.Generator().manual_seed(7))
+    model.config.elbo_weight = 0.0
+    simple, simple_stats = trainer.diffusion_loss(model, model, ids, None, t, torch.Generator().manual_seed(7))
+    assert "nelbo" not in simple_stats
+    nelbo = model.nelbo_per_token(ids, t, generator=torch.Generator().manual_seed(7)).mean()
+    assert stats["nelbo"].item() == pytest.approx(nelbo.item(), rel=1e-5)
+    assert hybrid.item() == pytest.approx(simple.item() + 0.5 * nelbo.item(), rel=1e-5)
+    assert stats["nelbo"].item() > 0.5  # an untrained model: the bound is near log V, far from 0
+    with pytest.raises(ValueError, match=r"`elbo_weight` must be >= 0, got -1"):
+        config_class(elbo_weight=-1.0)
+
+
 @pytest.mark.parametrize("regularizer", ["mean", "sampled", "none"])
 def test_sddlm_loss_matches_the_plain_autograd_chain(regularizer):
     """The fused / logsumexp forms give the value and gradient of the direct softmax chain (the loss works in float32;

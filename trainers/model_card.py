@@ -67,7 +67,8 @@ _COMMON_LIMITATIONS = [
 _VARIANT_LIMITATIONS = {
     "sddlm": ["The SDDLM paper's code is not public: the loss follows a third-party transcription of the paper's v1 "
               "and the v2 abstract, and the exact form and weight of the v2 regularizer are unverified (they are "
-              "config options)."],
+              "config options). The small NELBO term (`elbo_weight`) is dlm's addition, chosen by measurement; set it "
+              "to 0 for the paper's loss alone."],
     "duo": ["Few-step sampling quality relies on Discrete Consistency Distillation; an undistilled checkpoint needs "
             "many steps."],
     "mdlm": ["Masked diffusion never revises a token once it is unmasked."],
