@@ -267,43 +267,6 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         self.noise_scheduler = self._build_noise_process()
         self.post_init()
 
-    #: which released reference checkpoints `from_reference` reads ("duo", "mdlm"); None: none exist
-    reference_format: str | None = None
-
-    @classmethod
-    def from_reference(
-        cls,
-        src,
-        prefix: str | None = None,
-        use_ema: bool = True,
-        distilled: bool | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir=None,
-        **config_overrides,
-    ):
-        r"""Build this model from the authors' released weights (MDLM: `kuleshov-group/mdlm-owt`; Duo: `s-sahoo/duo`,
-        `s-sahoo/duo-distilled`), with logits equal to the reference DiT's (see `convert_reference.py`).
-
-        Args:
-            src: a Hub repo id, a local snapshot of one (`config.json` + safetensors or bin weights), or a training
-                checkpoint file whose state dict holds the backbone under a prefix (Lightning `.ckpt`, `.pt`).
-            prefix: the backbone's key prefix; detected (`backbone.`, `model.backbone.`, ...) when None.
-            use_ema: use the EMA shadow weights of a training checkpoint when it has them (the papers evaluate them).
-            distilled: set few-step generation defaults (8 steps, greedy tail); None: when `src` names a distilled
-                checkpoint ("distill" in the name).
-            config_overrides: dlm config fields the source does not fix, e.g. `num_attention_heads` for a bare state
-                dict, `max_position_embeddings`, `pad_token_id`, `eos_token_id`. Sizes must fit the weights.
-        """
-        from .convert_reference import convert_reference
-
-        if cls.reference_format is None:
-            raise ValueError(f"{cls.__name__} has no released reference checkpoints to convert; use "
-                             f"DuoForDiffusionLM or MDLMForDiffusionLM")
-        return convert_reference(cls, src, cls.reference_format, prefix=prefix, use_ema=use_ema, distilled=distilled,
-                                 revision=revision, token=token, cache_dir=cache_dir, **config_overrides)
-
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -396,13 +359,11 @@ class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
 class DuoForDiffusionLM(UniformDiffusionLM, DuoGenerationMixin):
     config_class = DuoConfig
     generation_config_class = DuoGenerationConfig
-    reference_format = "duo"
 
 
 class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
     config_class = MDLMConfig
     generation_config_class = MDLMGenerationConfig
-    reference_format = "mdlm"
 
     def _build_noise_process(self) -> AbsorbingStateScheduler:
         return AbsorbingStateScheduler(self.config.vocab_size, self.config.mask_token_id)

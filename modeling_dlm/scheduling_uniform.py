@@ -17,8 +17,6 @@ Everything here is pure tensor math: no parameters, no model calls; randomness o
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -340,83 +338,3 @@ class _UniformELBOTerms(torch.autograd.Function):
         grad.scatter_add_(-1, z_t[..., None], grad_z[..., None])
         grad.scatter_add_(-1, x0[..., None], grad_x[..., None])
         return grad.to(logits.dtype), None, None, None, None
-
-
-def gaussian_coupled_latents(
-    x0: torch.Tensor,
-    signal_to_noise: list[torch.Tensor],
-    vocab_size: int,
-    generator: torch.Generator | None = None,
-) -> list[torch.Tensor]:
-    """argmax(alpha~ e_x + sigma~ eps) for several noise levels sharing ONE Gaussian eps (Duo's deterministic
-    trajectory given x, methods.md §B.3.3), without building the (B, L, V) latent.
-
-    With m = alpha~ / sigma~, the argmax is x iff eps_x + m > M = max_{j != x} eps_j, and otherwise the arg of that
-    maximum, which is uniform over the other V - 1 tokens. M has CDF Phi(u)^(V-1), so M = Phi^-1(U^(1/(V-1))).
-    `signal_to_noise` holds one m per level, each a scalar or (B,); returns one z (B, L) per level."""
-    shape = x0.shape
-    eps_x = torch.randn(shape, generator=generator, device=x0.device, dtype=torch.float64)
-    u = torch.rand(shape, generator=generator, device=x0.device, dtype=torch.float64).clamp_min(1e-300)
-    max_others = torch.special.ndtri(torch.exp(torch.log(u) / (vocab_size - 1)))  # (B, L)
-    r = torch.randint(0, vocab_size - 1, shape, generator=generator, device=x0.device)
-    other = r + (r >= x0).long()  # uniform over V \ {x}
-    out = []
-    for m in signal_to_noise:
-        m = _as_column(m, x0, torch.float64)
-        out.append(torch.where(eps_x + m > max_others, x0, other))
-    return out
-
-
-def gaussian_topk_relaxation(
-    x0: torch.Tensor,
-    signal: torch.Tensor,
-    noise: torch.Tensor,
-    vocab_size: int,
-    top_k: int,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tempered softmax of w = signal e_x + noise eps (eps ~ N(0, I_V)) kept on its k + 1 largest entries, without
-    the (B, L, V) latent: Duo++'s memory-efficient curriculum (methods.md §B.3.2, `sample_tempered_softmax_topk`).
-
-    The largest k of the V - 1 zero-mean entries are drawn as order statistics of uniforms (log-space recursion,
-    Phi^-1), on k distinct random ids other than x (Floyd's sampling, then shuffled); the true token's entry is
-    signal + noise eps_x. The other V - 1 - k entries enter only the softmax normaliser, in closed form:
-    (V - 1 - k) E[exp(noise X) | X < c] with log E = noise^2/2 + log Phi(c - noise) - log Phi(c), c the k-th maximum.
-    `signal`, `noise` are (B,) (already divided by the temperature). Returns ids (B, L, k + 1) (x first), their
-    softmax weights (B, L, k + 1) (float32; they sum to < 1, the rest being the dropped tail) and z_t = argmax(w)
-    (B, L), which is exact."""
-    if not 1 <= top_k <= vocab_size - 1:
-        raise ValueError(f"top_k must be in [1, {vocab_size - 1}], got {top_k}")
-    B, L = x0.shape
-    device = x0.device
-    n = vocab_size - 1  # entries other than x
-    # 1. order statistics of n standard normals, largest first: log Phi(M_i) = log Phi(M_i-1) + log(U_i) / (n - i + 1)
-    u = torch.rand(B, L, top_k, generator=generator, device=device, dtype=torch.float64)
-    log_u = torch.log(u.clamp_min(1e-300))
-    log_cdf = torch.cumsum(log_u / torch.arange(n, n - top_k, -1, device=device, dtype=torch.float64), dim=-1)
-    maxima = torch.special.ndtri(torch.exp(log_cdf))  # (B, L, k), decreasing
-    # 2. k distinct ids among the n others (Floyd), in random order, then skip x
-    chosen = torch.empty(B, L, top_k, dtype=torch.long, device=device)
-    for i, j in enumerate(range(n - top_k, n)):
-        r = torch.floor(torch.rand(B, L, generator=generator, device=device, dtype=torch.float64) * (j + 1)).long()
-        taken = (chosen[..., :i] == r[..., None]).any(-1) if i else torch.zeros_like(r, dtype=torch.bool)
-        chosen[..., i] = torch.where(taken, torch.full_like(r, j), r)
-    order = torch.rand(B, L, top_k, generator=generator, device=device).argsort(-1)
-    chosen = chosen.gather(-1, order)
-    chosen = chosen + (chosen >= x0[..., None]).long()
-    # 3. logits of the kept entries and the closed-form tail
-    sig = signal.double().reshape(-1, 1, 1)
-    nse = noise.double().reshape(-1, 1, 1)
-    eps_x = torch.randn(B, L, 1, generator=generator, device=device, dtype=torch.float64)
-    logits = torch.cat([sig + nse * eps_x, nse * maxima], dim=-1)  # (B, L, k + 1)
-    c = maxima[..., -1:]
-    rest = n - top_k
-    if rest > 0:
-        log_tail = (math.log(rest) + nse**2 / 2 + torch.special.log_ndtr(c - nse) - torch.special.log_ndtr(c))
-        log_norm = torch.logaddexp(torch.logsumexp(logits, -1, keepdim=True), log_tail)
-    else:
-        log_norm = torch.logsumexp(logits, -1, keepdim=True)
-    weights = torch.exp(logits - log_norm).float()
-    ids = torch.cat([x0[..., None], chosen], dim=-1)
-    z_t = torch.where(logits[..., 0] > logits[..., 1], x0, chosen[..., 0])
-    return ids, weights, z_t

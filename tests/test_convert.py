@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from transformers import AutoModel
 
 from modeling_dlm import DuoForDiffusionLM, MDLMForDiffusionLM, SDDLMForDiffusionLM
-from modeling_dlm.convert_reference import read_reference_checkpoint
 from tests.conftest import shared_data
 from trainers.cli import main as dlm_main
+from trainers.convert import from_reference, read_reference_checkpoint
 
 
 V, D, LAYERS, HEADS, COND, LENGTH = 97, 48, 2, 4, 24, 12
@@ -202,7 +202,7 @@ def _max_diff(model, state, heads: int = HEADS, time_conditioning: bool = True) 
 def test_duo_hub_snapshot_matches_reference_forward(tmp_path, weights):
     state = reference_state(seed=0)
     folder = write_hub_snapshot(tmp_path / "duo", "duo", state, weights)
-    model = DuoForDiffusionLM.from_reference(folder)
+    model = from_reference(DuoForDiffusionLM, folder)
     assert model.config.hidden_size == D and model.config.num_hidden_layers == LAYERS
     assert model.config.num_attention_heads == HEADS and model.config.cond_dim == COND
     assert model.config.vocab_size == V and model.config.max_position_embeddings == LENGTH
@@ -233,7 +233,7 @@ def test_published_size_matches_reference_forward(tmp_path):
     ids = torch.randint(0, 50257, (2, 128), generator=g)
     sigma = torch.tensor([0.05, 3.0])
     for fmt, cls in (("duo", DuoForDiffusionLM), ("mdlm", MDLMForDiffusionLM)):
-        model = cls.from_reference(write_hub_snapshot(tmp_path / fmt, fmt, state, **config))
+        model = from_reference(cls, write_hub_snapshot(tmp_path / fmt, fmt, state, **config))
         assert sum(p.numel() for p in model.parameters()) == 169_627_218
         with torch.no_grad():
             ours = model(input_ids=ids, sigma=sigma).logits.double()
@@ -246,7 +246,7 @@ def test_published_size_matches_reference_forward(tmp_path):
 def test_mdlm_hub_snapshot_feeds_a_constant_noise_level(tmp_path):
     state = reference_state(seed=1)
     folder = write_hub_snapshot(tmp_path / "mdlm", "mdlm", state)
-    model = MDLMForDiffusionLM.from_reference(folder)
+    model = from_reference(MDLMForDiffusionLM, folder)
     assert not model.config.time_conditioning and model.config.mask_token_id == V - 1
     assert _max_diff(model, state, time_conditioning=False) <= 1e-4
     ids, _ = _ids_sigma(1)
@@ -259,11 +259,11 @@ def test_mdlm_hub_snapshot_feeds_a_constant_noise_level(tmp_path):
 def test_duo_distilled_snapshot_gets_few_step_defaults(tmp_path):
     state = reference_state(seed=2)
     folder = write_hub_snapshot(tmp_path / "duo-distilled", "duo", state)
-    model = DuoForDiffusionLM.from_reference(folder)
+    model = from_reference(DuoForDiffusionLM, folder)
     assert model.generation_config.num_steps == 8 and model.generation_config.sampler == "greedy_tail"
     assert model.config.reference_source["distilled"] is True
     assert _max_diff(model, state) <= 1e-4
-    plain = DuoForDiffusionLM.from_reference(folder, distilled=False)
+    plain = from_reference(DuoForDiffusionLM, folder, distilled=False)
     assert plain.generation_config.sampler != "greedy_tail" or plain.generation_config.num_steps != 8
 
 
@@ -275,8 +275,8 @@ def test_training_checkpoint_prefix_ema_and_placeholders(tmp_path):
     path = write_training_checkpoint(tmp_path / "last.ckpt", raw, ema)
     HydraNode.marker = marker  # from now on, running the file's own classes would leave this file behind
     try:
-        model = DuoForDiffusionLM.from_reference(path)
-        no_ema = DuoForDiffusionLM.from_reference(path, use_ema=False)
+        model = from_reference(DuoForDiffusionLM, path)
+        no_ema = from_reference(DuoForDiffusionLM, path, use_ema=False)
     finally:
         HydraNode.marker = None
     assert not marker.exists()
@@ -295,9 +295,9 @@ def test_compiled_prefix_and_teacher_are_handled(tmp_path):
                                      extra=teacher, hparams=False)
     ckpt = read_reference_checkpoint(path)
     assert ckpt.prefix == "backbone._orig_mod." and "teacher." in ckpt.ignored and not ckpt.used_ema
-    model = DuoForDiffusionLM.from_reference(path)
+    model = from_reference(DuoForDiffusionLM, path)
     assert _max_diff(model, raw) <= 1e-4
-    as_teacher = DuoForDiffusionLM.from_reference(path, prefix="teacher.")
+    as_teacher = from_reference(DuoForDiffusionLM, path, prefix="teacher.")
     assert _max_diff(as_teacher, {k[len("teacher."):]: v for k, v in teacher.items()}) <= 1e-4
 
 
@@ -306,11 +306,11 @@ def test_bare_state_dict_needs_heads_when_nothing_says(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(dict(raw), path)
     with pytest.raises(ValueError, match="attention heads"):
-        DuoForDiffusionLM.from_reference(path)
-    model = DuoForDiffusionLM.from_reference(path, num_attention_heads=HEADS, max_position_embeddings=LENGTH)
+        from_reference(DuoForDiffusionLM, path)
+    model = from_reference(DuoForDiffusionLM, path, num_attention_heads=HEADS, max_position_embeddings=LENGTH)
     assert _max_diff(model, raw) <= 1e-4
     with pytest.raises(ValueError, match="hidden_size"):
-        DuoForDiffusionLM.from_reference(path, num_attention_heads=HEADS, hidden_size=64)
+        from_reference(DuoForDiffusionLM, path, num_attention_heads=HEADS, hidden_size=64)
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------------
@@ -318,50 +318,50 @@ def test_mismatched_config_and_shapes_are_refused(tmp_path):
     state = reference_state(seed=7)
     folder = write_hub_snapshot(tmp_path / "a", "duo", state, hidden_dim=64)
     with pytest.raises(ValueError, match=r"hidden_size=64 but the weights have 48"):
-        DuoForDiffusionLM.from_reference(folder)
+        from_reference(DuoForDiffusionLM, folder)
     bad = OrderedDict(state)
     bad["blocks.1.attn_out.weight"] = torch.zeros(D, D + 1)
     with pytest.raises(ValueError, match=r"blocks\.1\.attn\.attn_out\.weight has shape \(48, 49\)"):
-        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "b", "duo", bad))
+        from_reference(DuoForDiffusionLM, write_hub_snapshot(tmp_path / "b", "duo", bad))
     missing = OrderedDict((k, v) for k, v in state.items() if k != "blocks.0.norm2.weight")
     with pytest.raises(ValueError, match=r"lacks 1 reference parameters, e\.g\. backbone\.blocks\.0\.norm2\.weight"):
-        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "c", "duo", missing))
+        from_reference(DuoForDiffusionLM, write_hub_snapshot(tmp_path / "c", "duo", missing))
     extra = OrderedDict(state)
     extra["blocks.0.attn_q_norm.weight"] = torch.ones(D)
     with pytest.raises(ValueError, match="parameters the reference DiT does not: blocks.0.attn_q_norm.weight"):
-        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "d", "duo", extra))
+        from_reference(DuoForDiffusionLM, write_hub_snapshot(tmp_path / "d", "duo", extra))
     with pytest.raises(ValueError, match="model_type='mdlm'"):
-        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "e", "mdlm", state))
+        from_reference(DuoForDiffusionLM, write_hub_snapshot(tmp_path / "e", "mdlm", state))
     with pytest.raises(ValueError, match="causal"):
-        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "f", "duo", state, causal=True))
+        from_reference(DuoForDiffusionLM, write_hub_snapshot(tmp_path / "f", "duo", state, causal=True))
     rope = OrderedDict(state)
     rope["rotary_emb.inv_freq"] = rope["rotary_emb.inv_freq"][:4]
     with pytest.raises(ValueError, match="config says num_attention_heads=4 but the weights have 6"):
-        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "g", "duo", rope))
+        from_reference(DuoForDiffusionLM, write_hub_snapshot(tmp_path / "g", "duo", rope))
     with pytest.raises(ValueError, match="no released reference checkpoints"):
-        SDDLMForDiffusionLM.from_reference(folder)
+        from_reference(SDDLMForDiffusionLM, folder)
 
 
 def test_bad_files_are_refused_without_running_code(tmp_path):
     raw, ema = reference_state(seed=8), reference_state(seed=9, layers=1)
     with pytest.raises(ValueError, match="EMA"):
-        DuoForDiffusionLM.from_reference(write_training_checkpoint(tmp_path / "ema.ckpt", raw, ema, hparams=False))
+        from_reference(DuoForDiffusionLM, write_training_checkpoint(tmp_path / "ema.ckpt", raw, ema, hparams=False))
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint at all" * 10)
     with pytest.raises((ValueError, OSError)):
-        DuoForDiffusionLM.from_reference(garbage)
+        from_reference(DuoForDiffusionLM, garbage)
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in raw.items()}, "hook": EvilPayload()}, evil)
     with pytest.raises(ValueError, match="refusing"):
-        DuoForDiffusionLM.from_reference(evil)
+        from_reference(DuoForDiffusionLM, evil)
     two = tmp_path / "two.pt"
     torch.save({**{f"a.{k}": v for k, v in raw.items()}, **{f"b.{k}": v for k, v in raw.items()}}, two)
     with pytest.raises(ValueError, match="several backbones"):
-        DuoForDiffusionLM.from_reference(two)
+        from_reference(DuoForDiffusionLM, two)
     with pytest.raises(ValueError, match="no reference DiT backbone"):
-        DuoForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "h", "duo", {"x.weight": torch.ones(2)}))
+        from_reference(DuoForDiffusionLM, write_hub_snapshot(tmp_path / "h", "duo", {"x.weight": torch.ones(2)}))
     with pytest.raises(OSError, match="no such file"):
-        DuoForDiffusionLM.from_reference(tmp_path / "absent")
+        from_reference(DuoForDiffusionLM, tmp_path / "absent")
 
 
 class EvilPayload:
@@ -605,7 +605,7 @@ def test_lightning_checkpoint_with_omegaconf_config_is_read_without_its_code(tmp
     monkeypatch.setenv("DLM_TEST_OMEGACONF_MARKER", str(marker))
     monkeypatch.setitem(sys.modules, "omegaconf", None)  # ... were it not that any import of omegaconf now fails
     ckpt = read_reference_checkpoint(path)
-    model = DuoForDiffusionLM.from_reference(path)
+    model = from_reference(DuoForDiffusionLM, path)
     assert not marker.exists() and loaded_omegaconf() == before
     assert ckpt.config == LIGHTNING_RUN_CONFIG  # the whole run config, as plain data; interpolations stay strings
     assert ckpt.used_ema and ckpt.prefix == "backbone."
@@ -631,7 +631,7 @@ def test_builtins_that_are_not_data_types_are_refused(tmp_path, name):
     hook = getattr(builtins, name)
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in raw.items()}, "types": data_types, "hook": hook}, bad)
     with pytest.raises(ValueError, match="refusing") as err:
-        DuoForDiffusionLM.from_reference(bad)
+        from_reference(DuoForDiffusionLM, bad)
     # named as pickle names it (`open` is `io.open`); the data types beside it are not what is refused
     assert f"names {hook.__module__}.{name} in" in str(err.value)
 
@@ -643,7 +643,7 @@ def test_eval_payload_is_refused_without_running(tmp_path):
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in reference_state(seed=17).items()},
                 "hook": EvalPayload(f"open({str(marker)!r}, 'w').write('pwned')")}, evil)
     with pytest.raises(ValueError, match=r"builtins\.eval.*refusing"):
-        DuoForDiffusionLM.from_reference(evil)
+        from_reference(DuoForDiffusionLM, evil)
     assert not marker.exists()
 
 
@@ -658,7 +658,7 @@ class EvalPayload:
 # ---- the converted model works with the rest of dlm -----------------------------------------------------------------
 def test_converted_model_saves_reloads_generates_and_evaluates(tmp_path):
     state = reference_state(seed=10)
-    model = MDLMForDiffusionLM.from_reference(write_hub_snapshot(tmp_path / "src", "mdlm", state))
+    model = from_reference(MDLMForDiffusionLM, write_hub_snapshot(tmp_path / "src", "mdlm", state))
     model.save_pretrained(tmp_path / "out")
     reloaded = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     ids, sigma = _ids_sigma()

@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_dlm.noise_schedules import _argmax_probability, diffusion_transformation
-from modeling_dlm.scheduling_uniform import gaussian_coupled_latents
 from trainers import DiffusionTrainingArguments, DuoDistillationTrainer
 from trainers.duo import consistency_distillation_loss
+from trainers.relaxation import _argmax_probability, diffusion_transformation, gaussian_coupled_latents
 
 from .conftest import VOCAB, tiny_model
 
@@ -209,7 +208,7 @@ def test_curriculum_loss_is_the_elbo_at_the_gaussian_argmax():
 def test_topk_relaxation_matches_the_dense_tempered_softmax(vocab, top_k, tau):
     """Duo++'s top-k draw gives the same argmax law and the same mean weight on x and on its top entries as the dense
     (B, L, V) tempered softmax; with k = V - 1 nothing is approximated."""
-    from modeling_dlm.scheduling_uniform import gaussian_topk_relaxation
+    from trainers.relaxation import gaussian_topk_relaxation
 
     n, gamma = 20_000, -1.0
     signal = torch.tensor([math.sqrt(torch.sigmoid(torch.tensor(-gamma)).item()) / tau])

@@ -18,10 +18,10 @@ from modeling_dlm.noise_schedules import (
     LearnedGammaSchedule,
     LogLinearSchedule,
     antithetic_times,
-    diffusion_transformation,
 )
 from modeling_dlm.scheduling_absorbing import AbsorbingStateScheduler
 from modeling_dlm.scheduling_uniform import UniformStateScheduler
+from trainers.relaxation import diffusion_transformation
 
 
 # derandomize: the same examples on every run (CI must not flake); the edges are pinned with @example

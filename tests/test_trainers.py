@@ -87,10 +87,12 @@ def test_loss_components_are_logged(tmp_path, gpt2_tokenizer, shakespeare):
                                 train_dataset=train)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
-    assert {"ce", "reg", "corrupted_fraction"} <= set(logged[0])
-    # the default collapse hinge is in [0, margin]; the logged loss is CE + lambda R, positive and readable
+    assert {"ce", "reg", "nelbo", "corrupted_fraction"} <= set(logged[0])
+    # the default collapse hinge is in [0, margin]; the logged loss is CE + lambda R + mu NELBO (mu = 0.1), positive
     assert 0 <= logged[0]["reg"] <= 0.01 < logged[0]["ce"]
-    assert logged[0]["loss"] == pytest.approx(logged[0]["ce"] + logged[0]["reg"], rel=1e-3)
+    assert logged[0]["nelbo"] > 1.0  # near log V for a barely trained model
+    expected = logged[0]["ce"] + logged[0]["reg"] + 0.1 * logged[0]["nelbo"]
+    assert logged[0]["loss"] == pytest.approx(expected, rel=1e-3)
 
 
 def test_input_ids_only_dataset_and_gradient_accumulation(tmp_path, gpt2_tokenizer, shakespeare):

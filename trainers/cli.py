@@ -666,6 +666,8 @@ def cmd_convert(argv: list[str]) -> int:
 
     from modeling_dlm import DuoForDiffusionLM, MDLMForDiffusionLM
 
+    from .convert import from_reference
+
     parser = _hf_parser(ConvertArguments)
     parser.prog = "dlm convert"
     (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("src", "output_dir")))
@@ -674,9 +676,10 @@ def cmd_convert(argv: list[str]) -> int:
         raise ValueError(f"--from must be one of {tuple(classes)}, got {args.source_format!r}")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         raise ValueError(f"--output_dir {args.output_dir} exists and is not empty")
-    model = classes[args.source_format].from_reference(
-        args.src, prefix=args.prefix, use_ema=not args.no_ema, distilled=args.distilled, revision=args.revision,
-        num_attention_heads=args.num_attention_heads, max_position_embeddings=args.max_position_embeddings)
+    model = from_reference(
+        classes[args.source_format], args.src, prefix=args.prefix, use_ema=not args.no_ema,
+        distilled=args.distilled, revision=args.revision, num_attention_heads=args.num_attention_heads,
+        max_position_embeddings=args.max_position_embeddings)
     tokenizer = None
     if args.tokenizer is not None:
         tokenizer = _converted_tokenizer(args.tokenizer, args.source_format, model.config.vocab_size)

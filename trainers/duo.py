@@ -28,10 +28,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling_dlm.noise_schedules import diffusion_transformation
-from modeling_dlm.scheduling_uniform import gaussian_coupled_latents, gaussian_topk_relaxation
-
 from .base import DiffusionTrainer, masked_mean
+from .relaxation import diffusion_transformation, gaussian_coupled_latents, gaussian_topk_relaxation
 
 
 logger = logging.getLogger(__name__)

@@ -469,10 +469,13 @@ def rename_state_dict(state: dict[str, torch.Tensor], num_layers: int, head_dim:
     return out
 
 
-def convert_reference(
+#: the released reference checkpoints each dlm variant can be built from (model_type -> reference format)
+REFERENCE_FORMATS = {"duo": "duo", "mdlm": "mdlm"}
+
+
+def from_reference(
     model_class,
     src: str | os.PathLike,
-    fmt: str,
     prefix: str | None = None,
     use_ema: bool = True,
     distilled: bool | None = None,
@@ -481,7 +484,26 @@ def convert_reference(
     cache_dir: str | os.PathLike | None = None,
     **config_overrides,
 ):
-    """Build `model_class` (Duo or MDLM) from a reference checkpoint; see `DiscreteDiffusionLM.from_reference`."""
+    r"""Build `model_class` (`DuoForDiffusionLM` or `MDLMForDiffusionLM`) from the authors' released weights (MDLM:
+    `kuleshov-group/mdlm-owt`; Duo: `s-sahoo/duo`, `s-sahoo/duo-distilled`), with logits equal to the reference DiT's.
+
+    Args:
+        model_class: the dlm class to build; its `config_class.model_type` picks the reference format.
+        src: a Hub repo id, a local snapshot of one (`config.json` + safetensors or bin weights), or a training
+            checkpoint file whose state dict holds the backbone under a prefix (Lightning `.ckpt`, `.pt`).
+        prefix: the backbone's key prefix; detected (`backbone.`, `model.backbone.`, ...) when None.
+        use_ema: use the EMA shadow weights of a training checkpoint when it has them (the papers evaluate them).
+        distilled: set few-step generation defaults (8 steps, greedy tail); None: when `src` names a distilled
+            checkpoint ("distill" in the name).
+        config_overrides: dlm config fields the source does not fix, e.g. `num_attention_heads` for a bare state
+            dict, `max_position_embeddings`, `pad_token_id`, `eos_token_id`. Sizes must fit the weights.
+    """
+    model_type = getattr(getattr(model_class, "config_class", None), "model_type", None)
+    if model_type not in REFERENCE_FORMATS:
+        name = getattr(model_class, "__name__", model_class)
+        raise ValueError(f"{name} (model_type {model_type!r}) has no released reference checkpoints to convert; use "
+                         f"DuoForDiffusionLM or MDLMForDiffusionLM")
+    fmt = REFERENCE_FORMATS[model_type]
     ckpt = read_reference_checkpoint(src, prefix=prefix, use_ema=use_ema, revision=revision, token=token,
                                      cache_dir=cache_dir)
     kwargs = reference_config_kwargs(ckpt, fmt, **config_overrides)
