@@ -148,7 +148,7 @@ class DiffusionTrainer(Trainer):
             self.add_callback(self.ema)
         if self.args.nan_guard:
             self.add_callback(NonFiniteGuardCallback())
-        self._components: dict[str, list[float]] = defaultdict(list)
+        self._components: dict[str, list[torch.Tensor]] = defaultdict(list)  # detached, on the device
         self._micro_step = 0
         self._last_step = -1
         self._eval_batches = 0
@@ -213,9 +213,9 @@ class DiffusionTrainer(Trainer):
                 f"[{float(t.min()):.4g}, {float(t.max()):.4g}]); training stopped before the update, so the weights "
                 f"and the checkpoints in {self.args.output_dir} hold no NaN. Lower the learning rate or check the data"
             )
-        if model.training:
+        if model.training:  # kept on the device: no host sync per step, one per logged component at `log`
             for key, value in components.items():
-                self._components[key].append(float(value))
+                self._components[key].append(torch.as_tensor(value, device=loss.device).detach().float())
         return (loss, None) if return_outputs else loss
 
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
@@ -225,7 +225,7 @@ class DiffusionTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._components:
             for key, values in self._components.items():
-                value = torch.tensor(sum(values) / len(values), device=self.args.device)
+                value = torch.stack(values).mean().to(self.args.device)
                 logs[key] = round(float(self.accelerator.reduce(value, reduction="mean")), 4)
             self._components.clear()
         super().log(logs, start_time)
