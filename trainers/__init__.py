@@ -8,9 +8,11 @@ from .lora import apply_lora, default_lora_config, merge_lora
 from .mdlm import MDLMTrainer
 from .replaid import RePlaidTrainer
 from .sddlm import SDDLMTrainer
+from .variants import DLM_VARIANTS, REGISTRY
 
 
-TRAINERS = {"sddlm": SDDLMTrainer, "duo": DuoTrainer, "mdlm": MDLMTrainer, "replaid": RePlaidTrainer}
+#: the Trainer of each diffusion variant, read from `trainers.variants.REGISTRY`
+TRAINERS = {name: REGISTRY[name].trainer_class() for name in DLM_VARIANTS}
 
 __all__ = [
     "TRAINERS",

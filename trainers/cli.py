@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .variants import REGISTRY
+
 
 logger = logging.getLogger("dlm")
 
-VARIANT_NAMES = ("sddlm", "duo", "replaid", "mdlm", "ar")
+VARIANT_NAMES = tuple(REGISTRY)  # ("sddlm", "duo", "replaid", "mdlm", "ar")
 SIZES = ("tiny", "small", "medium")
 
 
@@ -128,7 +130,7 @@ def _hub_config_path(variant: str, size: str) -> Path:
         raise ValueError(f"--variant must be one of {VARIANT_NAMES}, got {variant!r}")
     if size not in SIZES:
         raise ValueError(f"--size must be one of {SIZES}, got {size!r}")
-    name = f"{variant}-{size}.json"
+    name = f"{REGISTRY[variant].hub_config_stem}-{size}.json"
     try:
         path = Path(str(resources.files("dlm_hub_configs").joinpath(name)))
     except ModuleNotFoundError:
@@ -165,7 +167,7 @@ def _load_tokenizer(name: str | None, variant: str):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(name)
-    return prepare_tokenizer(tokenizer, need_pad=True, need_mask=variant == "mdlm")
+    return prepare_tokenizer(tokenizer, need_pad=True, need_mask=REGISTRY[variant].needs_mask_token)
 
 
 def build_model(variant: str, body: dict, tokenizer, seq_len: int):
@@ -182,7 +184,7 @@ def build_model(variant: str, body: dict, tokenizer, seq_len: int):
     from modeling_dlm import VARIANTS
 
     config_class, model_class = VARIANTS[variant]
-    if variant == "mdlm":
+    if REGISTRY[variant].needs_mask_token:
         body["mask_token_id"] = tokenizer.mask_token_id
     model = model_class(config_class(**body))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -25,6 +25,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .variants import DLM_VARIANTS
+
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,6 @@ SECRET_PATTERNS = (
     re.compile(rb"sk-(?:proj-)?[A-Za-z0-9_-]{32,}"),
     re.compile(rb"-----BEGIN (?:RSA |EC |OPENSSH |DSA )?PRIVATE KEY-----"),
 )
-_DLM_MODEL_TYPES = ("sddlm", "duo", "mdlm", "replaid")
 
 
 @dataclass
@@ -174,10 +175,11 @@ def collect_files(folder: str | Path) -> tuple[dict[str, Path | bytes], dict]:
         if (folder / name).is_file():
             files[name] = folder / name
     model_type = config.get("model_type")
-    if model_type in _DLM_MODEL_TYPES and not config.get("auto_map"):
+    if model_type in DLM_VARIANTS and not config.get("auto_map"):
         architecture = (config.get("architectures") or [None])[0]
-        config_class = {"sddlm": "SDDLMConfig", "duo": "DuoConfig", "mdlm": "MDLMConfig",
-                        "replaid": "RePlaidConfig"}[model_type]
+        from modeling_dlm import VARIANTS
+
+        config_class = VARIANTS[model_type][0].__name__
         if architecture is None:
             raise ValueError(f"{config_path} has neither auto_map nor architectures; re-save the model with "
                              f"save_pretrained")
@@ -212,7 +214,7 @@ def collect_files(folder: str | Path) -> tuple[dict[str, Path | bytes], dict]:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*\.py", name):
             raise ValueError(f"auto_map refers to an invalid module name {module!r}")
         local = folder / name
-        installed = _installed_code_dir() if not local.is_file() and model_type in _DLM_MODEL_TYPES else None
+        installed = _installed_code_dir() if not local.is_file() and model_type in DLM_VARIANTS else None
         if installed is not None and (installed / name).is_file():
             logger.warning("%s is missing from %s; taking it from the installed modeling_dlm", name, folder)
             local = installed / name

@@ -40,31 +40,23 @@ import copy
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from .variants import DLM_VARIANTS, REGISTRY
+
 
 #: LoRA targets of the DiT backbone, shared by every variant
 DIT_TARGET_MODULES = ("attn_qkv", "attn_out", "fc1", "fc2", "adaLN_modulation")
-
-#: per variant: (extra LoRA targets, modules_to_save); see the module docstring for the reasons
-VARIANT_LORA_MODULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "sddlm": ((), ("sigma_map",)),
-    "duo": ((), ("sigma_map",)),
-    "mdlm": ((), ()),
-    "replaid": (("input_proj", "self_cond_proj"), ("sigma_map", "noise_schedule")),
-}
-
 
 def _variant_of(variant_or_model) -> tuple[str, bool]:
     """(variant name, whether the model conditions on time)."""
     if isinstance(variant_or_model, str):
         variant = variant_or_model
-        time_conditioning = variant != "mdlm"
+        time_conditioning = variant != "mdlm"  # MDLM's default: no time conditioning
     else:
         config = getattr(variant_or_model, "config", None)
         variant = getattr(config, "model_type", None)
         time_conditioning = bool(getattr(config, "time_conditioning", True))
-    if variant not in VARIANT_LORA_MODULES:
-        raise ValueError(f"no default LoRA targets for {variant!r}; expected a dlm model or one of "
-                         f"{tuple(VARIANT_LORA_MODULES)}")
+    if variant not in DLM_VARIANTS:
+        raise ValueError(f"no default LoRA targets for {variant!r}; expected a dlm model or one of {DLM_VARIANTS}")
     return variant, time_conditioning
 
 
@@ -90,7 +82,8 @@ def default_lora_config(
         raise ValueError(f"`alpha` must be > 0, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}")
-    extra_targets, saved = VARIANT_LORA_MODULES[variant]
+    spec = REGISTRY[variant]
+    extra_targets, saved = spec.lora_targets, spec.lora_modules_to_save
     if target_modules is None:
         target_modules = [*DIT_TARGET_MODULES, *extra_targets]
     if modules_to_save is None:

@@ -24,37 +24,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .variants import DLM_VARIANTS, REGISTRY
+
 
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "model_card.md"
 TRAINING_RECORD = "dlm_training.json"
-DLM_VARIANTS = ("sddlm", "duo", "mdlm", "replaid")
-
-# Paper references per variant (titles and arXiv ids as recorded in ../shared/docs/methods.md §A-§C).
-_SDDLM = {"authors": "H. Zhu et al., 2025", "title": "Simple Denoising Diffusion Language Models",
-          "arxiv": "2510.22926"}
-_DUO = {"authors": "S. S. Sahoo et al.", "title": "The Diffusion Duality", "venue": "ICML 2025", "arxiv": "2506.10892"}
-_DUO2 = {"authors": "J. Deschenaux, C. Gulcehre, S. S. Sahoo",
-         "title": "The Diffusion Duality, Chapter II: Ψ-Samplers and Efficient Curriculum", "venue": "ICLR 2026",
-         "arxiv": "2602.21185"}
-_UDLM = {"authors": "Y. Schiff et al.", "title": "Simple Guidance Mechanisms for Discrete Diffusion Models",
-         "venue": "ICLR 2025", "arxiv": "2412.10193"}
-_MDLM = {"authors": "S. S. Sahoo et al. (MDLM)", "venue": "NeurIPS 2024", "arxiv": "2406.07524"}
-_REPLAID = {"authors": "Z. Yang et al., 2026",
-            "title": "Continuous Diffusion Scales Competitively with Discrete Diffusion for Language",
-            "arxiv": "2605.18530"}
-_PLAID = {"authors": "I. Gulrajani, T. Hashimoto", "title": "Likelihood-Based Diffusion Language Models",
-          "venue": "NeurIPS 2023"}
-
-VARIANTS: dict[str, dict[str, Any]] = {
-    "sddlm": {"title": "SDDLM (simple denoising loss, uniform-state diffusion)", "papers": [_SDDLM, _UDLM, _DUO]},
-    "duo": {"title": "Duo (uniform-state diffusion, the Diffusion Duality)", "papers": [_DUO, _DUO2, _UDLM]},
-    "mdlm": {"title": "MDLM (masked diffusion baseline)", "papers": [_MDLM]},
-    "replaid": {"title": "RePlaid (continuous embedding diffusion)", "papers": [_REPLAID, _PLAID]},
-    "ar": {"title": "autoregressive baseline (Llama architecture)", "papers": []},
-}
-
 _COMMON_LIMITATIONS = [
     "Diffusion NELBO values are upper bounds on the negative log-likelihood, estimated by Monte Carlo over noise "
     "levels; compare them with an autoregressive model's exact NLL only as bounds.",
@@ -64,20 +40,6 @@ _COMMON_LIMITATIONS = [
     "instruction-tuned or safety-tuned; it should not be used for decisions about people.",
     "`trust_remote_code=True` runs the Python files of the repository: review them or pin a revision.",
 ]
-_VARIANT_LIMITATIONS = {
-    "sddlm": ["The SDDLM paper's code is not public: the loss follows a third-party transcription of the paper's v1 "
-              "and the v2 abstract, and the exact form and weight of the v2 regularizer are unverified (they are "
-              "config options). The small NELBO term (`elbo_weight`) is dlm's addition, chosen by measurement; set it "
-              "to 0 for the paper's loss alone."],
-    "duo": ["Few-step sampling quality relies on Discrete Consistency Distillation; an undistilled checkpoint needs "
-            "many steps."],
-    "mdlm": ["Masked diffusion never revises a token once it is unmasked."],
-    "replaid": ["The variance-reduction tricks of the RePlaid objective (adaptive loss split, variance-minimising "
-                "schedule gradient) are not implemented in this release."],
-    "ar": [],
-}
-
-
 # ---- reading a checkpoint folder --------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict | None:
     try:
@@ -324,14 +286,14 @@ def build_model_card(
     likelihood_rows, generation_rows, exact = _eval_rows(results, record)
     repo_id = repo_id or f"<user>/{folder.resolve().name}"
     name = model_name or repo_id.split("/")[-1]
-    info = VARIANTS[variant]
+    info = REGISTRY[variant]
 
     hub_datasets = list(datasets or [])
     if not hub_datasets and record and _is_hub_dataset(record.get("dataset")):
         hub_datasets = [record["dataset"]]
     card_tags = ["dlm", variant]
     card_tags += ["diffusion", "text-diffusion", "custom_code"] if variant != "ar" else ["autoregressive-baseline"]
-    card_tags += [f"arxiv:{paper['arxiv']}" for paper in info["papers"] if paper.get("arxiv")]
+    card_tags += [f"arxiv:{paper['arxiv']}" for paper in info.papers if paper.get("arxiv")]
     for tag in tags or []:
         if tag not in card_tags:
             card_tags.append(tag)
@@ -347,7 +309,7 @@ def build_model_card(
         sources.append(f"`{state_source}`" if str(state_source).endswith(".json") else str(state_source))
     training_source = ", ".join(sources) or None
     has_pipeline = "dlm-text-generation" in (config.get("custom_pipelines") or {})
-    summary = (f"Variant: **{info['title']}**, packaged as a Hugging Face `transformers` model by dlm (diffusion "
+    summary = (f"Variant: **{info.title}**, packaged as a Hugging Face `transformers` model by dlm (diffusion "
                f"language models as Hugging Face models).")
     if variant != "ar":
         summary += (" It generates all positions of a sequence in parallel by iterative denoising, not left to "
@@ -358,10 +320,10 @@ def build_model_card(
         model_name=name, repo_id=repo_id, summary=summary, variant=variant,
         architecture=(config.get("architectures") or ["?"])[0], parameters=_params(count_parameters(folder)),
         network=_network(config, variant), config=config, generation=generation, method=method,
-        papers=info["papers"], training_rows=_training_rows(record, state), training_source=training_source,
+        papers=info.papers, training_rows=_training_rows(record, state), training_source=training_source,
         likelihood_rows=likelihood_rows, generation_rows=generation_rows, exact_nll=exact,
         trust_remote_code=variant != "ar", has_pipeline=has_pipeline,
-        limitations=_VARIANT_LIMITATIONS[variant] + _COMMON_LIMITATIONS,
+        limitations=[*info.limitations, *_COMMON_LIMITATIONS],
     )
 
 
