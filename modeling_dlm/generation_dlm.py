@@ -32,6 +32,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
+from .noise_schedules import sigma_from_alpha
 from .scheduling_gaussian import softmax_matmul
 
 
@@ -420,7 +421,7 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
         B = z.shape[0]
         # s = 0 exactly at the last step: branch on is_last, not on the tensor s (no host sync)
         alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if not is_last else torch.ones_like(t)
-        sigma = (-torch.log(alpha_t)).float().expand(B)
+        sigma = sigma_from_alpha(alpha_t).float().expand(B)
         logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits  # (B, L, V)
         # x_hat = softmax(logits) is never written out: the mixture step needs it at z_t and on the rows it draws from
         logits = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p)
@@ -467,7 +468,7 @@ class MDLMGenerationMixin(DiffusionLMGenerationMixin):
         if rows is None or rows.numel():
             ids = z if rows is None else z[rows]
             mask = state["mask"] if state["mask"] is None or rows is None else state["mask"][rows]
-            sigma = (-torch.log(alpha_t)).float().expand(ids.shape[0])
+            sigma = sigma_from_alpha(alpha_t).float().expand(ids.shape[0])
             fresh = self(input_ids=ids, attention_mask=mask, sigma=sigma).logits.float()  # (n, L, V)
             fresh[..., sched.mask_token_id] = float("-inf")  # SUBS: never predict the mask (in place: no grad here)
             fresh = filter_logits(fresh, gen.temperature, gen.top_k, gen.top_p)

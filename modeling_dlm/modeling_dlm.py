@@ -39,7 +39,13 @@ from .generation_dlm import (
     check_token_ids,
 )
 from .modeling_dit import DiTModel, init_dit_module
-from .noise_schedules import LearnedGammaSchedule, antithetic_times, gaussian_alpha_sigma, get_schedule
+from .noise_schedules import (
+    LearnedGammaSchedule,
+    antithetic_times,
+    gaussian_alpha_sigma,
+    get_schedule,
+    sigma_from_alpha,
+)
 from .scheduling_absorbing import AbsorbingStateScheduler
 from .scheduling_gaussian import GaussianEmbeddingScheduler, row_stopped_matmul
 from .scheduling_uniform import UniformStateScheduler
@@ -54,6 +60,19 @@ class DiffusionLMOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class NoisedBatch:
+    """One draw of a discrete forward process and the network's logits on it (`DiscreteDiffusionLM.noised_forward`):
+    z_t (B, L), `replaced` (B, L) bool (the positions the process resampled or masked), alpha_t and alpha'_t (B,),
+    logits (B, L, V)."""
+
+    z_t: torch.LongTensor
+    replaced: torch.Tensor
+    alpha: torch.Tensor
+    dalpha: torch.Tensor
+    logits: torch.Tensor
 
 
 class DiffusionLMPreTrainedModel(PreTrainedModel):
@@ -225,6 +244,10 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         mask = attention_mask.to(per_token.dtype)
         return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
+    def check_clean_ids(self, input_ids: torch.LongTensor) -> None:
+        """Variant-specific checks of clean data at the entry points (`nelbo`, the Trainer's first batch and each
+        evaluation batch), never inside a training step; the base class has none."""
+
     def nelbo(
         self,
         input_ids: torch.LongTensor,
@@ -240,6 +263,7 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             attention_mask = torch.as_tensor(attention_mask)
         self._check_batch(input_ids, attention_mask)
+        self.check_clean_ids(input_ids)
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -266,6 +290,42 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         self.schedule = get_schedule(config.noise_schedule, config.schedule_eps)
         self.noise_scheduler = self._build_noise_process()
         self.post_init()
+
+    def noised_forward(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        network: nn.Module | None = None,
+    ) -> NoisedBatch:
+        """z_t ~ q(z_t | x) at times t (B,), then the network's logits on z_t, conditioned on sigma = -log alpha_t: the
+        one "noise, then network" path that `nelbo` and every Trainer share. `network` is the module to call (the
+        Trainer passes its wrapped model, so that DDP / FSDP see the forward); None: this model."""
+        alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)  # (B,) each
+        z_t, replaced = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
+        network = self if network is None else network
+        logits = network(input_ids=z_t, attention_mask=attention_mask, sigma=sigma_from_alpha(alpha)).logits
+        return NoisedBatch(z_t, replaced, alpha, dalpha, logits)
+
+    def nelbo_from_noised(self, input_ids: torch.LongTensor, noised: NoisedBatch) -> torch.Tensor:
+        """The process's NELBO integrand at the draw `noised`, per position (B, L), float32 (fused with the
+        softmax)."""
+        return self.noise_scheduler.nelbo_per_token_from_logits(noised.logits, input_ids, noised.z_t, noised.alpha,
+                                                                noised.dalpha)
+
+    def nelbo_per_token(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        network: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """NELBO integrand at times t (B,), per position (B, L), float32: `nelbo_from_noised` of one
+        `noised_forward` draw. Training and `nelbo` both compute the bound here."""
+        return self.nelbo_from_noised(input_ids,
+                                      self.noised_forward(input_ids, t, attention_mask, generator, network))
 
     def forward(
         self,
@@ -323,24 +383,6 @@ class UniformDiffusionLM(DiscreteDiffusionLM):
     def _build_noise_process(self) -> UniformStateScheduler:
         return UniformStateScheduler(self.config.vocab_size)
 
-    def nelbo_per_token(
-        self,
-        input_ids: torch.LongTensor,
-        t: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """UDLM continuous-time NELBO integrand at times t (B,), per position (B, L), float32."""
-        alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)
-        z_t, _ = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
-        logits = self(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
-        log_x_theta = self.elbo_log_probs(logits, z_t, alpha)  # (B, L, V)
-        return self.noise_scheduler.nelbo_per_token(log_x_theta, input_ids, z_t, alpha, dalpha)
-
-    def elbo_log_probs(self, logits: torch.Tensor, z_t: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """log x_hat plugged into the ELBO; the mean parameterisation: log_softmax of the logits (float32)."""
-        return logits.float().log_softmax(-1)
-
 
 class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
     """SDDLM: the network is trained on noise-replaced positions only (`trainers/sddlm.py`).
@@ -368,20 +410,10 @@ class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
     def _build_noise_process(self) -> AbsorbingStateScheduler:
         return AbsorbingStateScheduler(self.config.vocab_size, self.config.mask_token_id)
 
-    def nelbo_per_token(
-        self,
-        input_ids: torch.LongTensor,
-        t: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """MDLM NELBO integrand (alpha'/(1-alpha)) log x_theta[x] on masked positions; (B, L), float32."""
+    def check_clean_ids(self, input_ids: torch.LongTensor) -> None:
+        """Clean data never holds the mask token (its NELBO integrand would be undefined). One device sync."""
         if bool((input_ids == self.config.mask_token_id).any()):
             raise ValueError(f"clean `input_ids` contain the mask token id {self.config.mask_token_id}")
-        alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)
-        z_t, _ = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
-        logits = self(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
-        return self.noise_scheduler.nelbo_per_token_from_logits(logits, input_ids, z_t, alpha, dalpha)
 
 
 class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):

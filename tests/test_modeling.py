@@ -951,10 +951,14 @@ def test_sddlm_plugs_the_raw_softmax_into_the_elbo_and_refuses_the_old_bayes_den
     """SDDLM's ELBO denoiser is the network's softmax (the leave-one-out predictive, tests/test_sddlm.py); a
     config.json that still asks for the removed Bayes-rule denoiser is refused with a clear error."""
     model = tiny_model("sddlm")
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(2, 5, VOCAB, generator=g)
-    z_t = torch.randint(0, VOCAB, (2, 5), generator=g)
-    torch.testing.assert_close(model.elbo_log_probs(logits, z_t, torch.tensor([0.3, 0.9])), logits.log_softmax(-1))
+    x = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        noised = model.noised_forward(x, t, generator=torch.Generator().manual_seed(4))
+        fused = model.nelbo_per_token(x, t, generator=torch.Generator().manual_seed(4))
+        plain = model.noise_scheduler.nelbo_per_token(noised.logits.log_softmax(-1), x, noised.z_t, noised.alpha,
+                                                      noised.dalpha)  # the raw softmax, unfused
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert "elbo_denoiser" not in config

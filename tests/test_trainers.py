@@ -250,6 +250,29 @@ def test_sddlm_loss_pure_function():
         sddlm_loss(logits, x0, positions, regularizer="contrastive")
 
 
+@pytest.mark.parametrize("variant", ["mdlm", "duo", "sddlm"])
+def test_training_and_nelbo_compute_one_bound(variant, tmp_path):
+    """The Trainer's bound and `model.nelbo_per_token` run one code path (`noised_forward`, then
+    `nelbo_from_noised`): for the same x, t and noise they give the same numbers, bit for bit."""
+    config_class, model_class = VARIANTS[variant]
+    vocab = 29
+    extra = {"mask_token_id": vocab - 1} if variant == "mdlm" else {}
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0, **extra))
+    ids = torch.randint(0, vocab - 1, (4, 12), generator=torch.Generator().manual_seed(3))
+    trainer = TRAINERS[variant](model=model, args=make_args(tmp_path),
+                                train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
+    t = torch.tensor([0.02, 0.3, 0.6, 0.97])
+    loss, stats = trainer.diffusion_loss(model, model, ids, None, t, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        bound = model.nelbo_per_token(ids, t, generator=torch.Generator().manual_seed(7)).mean()
+    assert torch.equal(stats["nelbo"], bound)
+    if variant != "sddlm":  # the bound is the objective (SDDLM's is the simple loss plus 0.1 of it)
+        assert torch.equal(loss.detach(), bound)
+    assert bound.item() > 0.5
+
+
 def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(tmp_path):
     """elbo_weight = mu adds mu times the uniform-state NELBO of the same z_t and logits: the difference to the simple
     loss is mu * NELBO, and that NELBO is the model's own `nelbo_per_token` on the same noise draw."""

@@ -196,6 +196,8 @@ class DiffusionTrainer(Trainer):
         vocab_size = getattr(getattr(unwrapped, "config", None), "vocab_size", None)
         if vocab_size is not None:
             check_token_ids(input_ids, vocab_size, "input_ids")
+        if hasattr(unwrapped, "check_clean_ids"):
+            unwrapped.check_clean_ids(input_ids)  # e.g. MDLM: no mask token in clean data
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, attention_mask = self._batch(inputs)

@@ -28,6 +28,9 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from modeling_dlm.modeling_dlm import NoisedBatch
+from modeling_dlm.noise_schedules import sigma_from_alpha
+
 from .base import DiffusionTrainer, masked_mean
 from .relaxation import diffusion_transformation, gaussian_coupled_latents, gaussian_topk_relaxation
 
@@ -44,13 +47,6 @@ def linear_gamma_schedule(t: torch.Tensor, gamma_min: float, gamma_max: float, v
     return gamma, alpha, dalpha_dgamma * span
 
 
-def uniform_nelbo_loss(logits, x0, z_t, alpha, dalpha, scheduler, attention_mask=None):
-    """Token-mean of the closed-form UDLM NELBO integrand (float32, fused with the softmax); returns (loss, stats)."""
-    per_token = scheduler.nelbo_per_token_from_logits(logits, x0, z_t, alpha, dalpha)
-    loss = masked_mean(per_token, attention_mask)
-    return loss, {"nelbo": loss.detach()}
-
-
 class DuoTrainer(DiffusionTrainer):
     model_types = ("duo",)
 
@@ -64,7 +60,7 @@ class DuoTrainer(DiffusionTrainer):
         tau = self.args.curriculum_tau
         signal = torch.sigmoid(-gamma).sqrt() / tau  # alpha~ / tau, (B,)
         noise = torch.sigmoid(gamma).sqrt() / tau  # sigma~ / tau
-        sigma = -torch.log(alpha).float()
+        sigma = sigma_from_alpha(alpha).float()
         if self.args.curriculum_top_k:
             # Duo++: k + 1 weighted embeddings instead of a (B, L, V) latent
             ids, weights, z_t = gaussian_topk_relaxation(input_ids, signal, noise, V, self.args.curriculum_top_k,
@@ -79,19 +75,17 @@ class DuoTrainer(DiffusionTrainer):
             weights = w.softmax(-1)  # tempered softmax of the Gaussian latent: the relaxed model input
             del w
             logits = model(token_weights=weights, attention_mask=attention_mask, sigma=sigma).logits
-        loss, stats = uniform_nelbo_loss(logits, input_ids, z_t, alpha.float(), dalpha.float(),
-                                         unwrapped.noise_scheduler, attention_mask)
-        stats["curriculum"] = torch.tensor(1.0)
-        return loss, stats
+        # the bound at z_t = argmax(w), the law of the uniform-state process at alpha = T(gamma)
+        noised = NoisedBatch(z_t, z_t != input_ids, alpha.float(), dalpha.float(), logits)
+        loss = masked_mean(unwrapped.nelbo_from_noised(input_ids, noised), attention_mask)
+        return loss, {"nelbo": loss.detach(), "curriculum": torch.tensor(1.0)}
 
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         if self.in_curriculum(model):
             return self.curriculum_loss(model, unwrapped, input_ids, attention_mask, t, generator)
-        alpha, dalpha = unwrapped.schedule.alpha(t), unwrapped.schedule.dalpha_dt(t)
-        z_t, _ = unwrapped.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
-        logits = model(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
-        loss, stats = uniform_nelbo_loss(logits, input_ids, z_t, alpha, dalpha, unwrapped.noise_scheduler,
-                                         attention_mask)
+        per_token = unwrapped.nelbo_per_token(input_ids, t, attention_mask, generator, network=model)  # (B, L)
+        loss = masked_mean(per_token, attention_mask)
+        stats = {"nelbo": loss.detach()}
         if self.args.curriculum_steps:
             stats["curriculum"] = torch.tensor(0.0)
         return loss, stats
@@ -169,10 +163,10 @@ class DuoDistillationTrainer(DiffusionTrainer):
         gamma_s, alpha_s, _ = linear_gamma_schedule(s, *bounds, V)
         m_t, m_s = torch.exp(-gamma_t / 2), torch.exp(-gamma_s / 2)  # alpha~ / sigma~
         z_t, z_s = gaussian_coupled_latents(input_ids, [m_t, m_s], V, generator=generator)
-        student = model(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha_t).float()).logits
+        student = model(input_ids=z_t, attention_mask=attention_mask, sigma=sigma_from_alpha(alpha_t).float()).logits
         with torch.no_grad():
             teacher = self.teacher(input_ids=z_s, attention_mask=attention_mask,
-                                   sigma=-torch.log(alpha_s).float()).logits
+                                   sigma=sigma_from_alpha(alpha_s).float()).logits
         loss, stats = consistency_distillation_loss(student, teacher, attention_mask, self.args.distill_divergence)
         stats["dt"] = torch.tensor(dt)
         return loss, stats

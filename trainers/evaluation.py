@@ -30,6 +30,7 @@ def nelbo_batch_sums(
     `per_sequence`. No gradients."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
+    model.check_clean_ids(input_ids)
     total = None
     with torch.no_grad():
         for _ in range(num_time_samples):

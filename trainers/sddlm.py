@@ -102,23 +102,19 @@ class SDDLMTrainer(DiffusionTrainer):
 
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         config = unwrapped.config
-        alpha = unwrapped.schedule.alpha(t)  # (B,)
-        z_t, resampled = unwrapped.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
-        logits = model(input_ids=z_t, attention_mask=attention_mask, sigma=-torch.log(alpha)).logits
-        positions = (z_t != input_ids) if config.loss_mask == "changed" else resampled
+        noised = unwrapped.noised_forward(input_ids, t, attention_mask, generator, network=model)
+        positions = (noised.z_t != input_ids) if config.loss_mask == "changed" else noised.replaced
         if attention_mask is not None:
             positions = positions & attention_mask.bool()
         loss, stats = sddlm_loss(
-            logits, input_ids, positions,
+            noised.logits, input_ids, positions,
             regularizer=config.regularizer, regularizer_weight=config.regularizer_weight,
             regularizer_margin=config.regularizer_margin, normalization=config.loss_normalization,
             num_negative_samples=config.num_negative_samples, eps=config.regularizer_eps, generator=generator,
         )
         if config.elbo_weight:
-            # the hybrid: the uniform-state NELBO of the same z_t and logits (one more fused O(V) pass)
-            dalpha = unwrapped.schedule.dalpha_dt(t)
-            per_token = unwrapped.noise_scheduler.nelbo_per_token_from_logits(logits, input_ids, z_t, alpha, dalpha)
-            nelbo = masked_mean(per_token, attention_mask)
+            # the hybrid: the uniform-state NELBO of the same draw (one more fused O(V) pass)
+            nelbo = masked_mean(unwrapped.nelbo_from_noised(input_ids, noised), attention_mask)
             loss = loss + config.elbo_weight * nelbo
             stats["nelbo"] = nelbo.detach()
         return loss, stats
