@@ -305,7 +305,13 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)  # (B,) each
         z_t, replaced = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
         network = self if network is None else network
-        logits = network(input_ids=z_t, attention_mask=attention_mask, sigma=sigma_from_alpha(alpha)).logits
+        # z_t is the process's draw from ids the entry point (`nelbo`, the Trainer's first batch) checked: the forward
+        # skips its id range check here, which would cost one host sync per training step
+        ids_checked, self._token_ids_checked = self._token_ids_checked, True
+        try:
+            logits = network(input_ids=z_t, attention_mask=attention_mask, sigma=sigma_from_alpha(alpha)).logits
+        finally:
+            self._token_ids_checked = ids_checked
         return NoisedBatch(z_t, replaced, alpha, dalpha, logits)
 
     def nelbo_from_noised(self, input_ids: torch.LongTensor, noised: NoisedBatch) -> torch.Tensor:

@@ -273,6 +273,40 @@ def test_training_and_nelbo_compute_one_bound(variant, tmp_path):
     assert bound.item() > 0.5
 
 
+@pytest.mark.parametrize("variant", ["mdlm", "duo", "sddlm"])
+def test_token_ids_are_range_checked_on_the_first_training_batch_only(variant, tmp_path, monkeypatch):
+    """The id range check costs a host sync: the Trainer runs it once, on the first batch, and the training steps'
+    forwards skip it (they see only the process's draws from checked ids); bad ids in that batch still fail clearly."""
+    import modeling_dlm.modeling_dlm as modeling
+    import trainers.base as base
+
+    calls = []
+    real = base.check_token_ids
+
+    def counting(ids, vocab_size, name):
+        calls.append(tuple(ids.shape))
+        return real(ids, vocab_size, name)
+
+    monkeypatch.setattr(base, "check_token_ids", counting)
+    monkeypatch.setattr(modeling, "check_token_ids", counting)
+    config_class, model_class = VARIANTS[variant]
+    extra = {"mask_token_id": 28} if variant == "mdlm" else {}
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=29, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0, **extra))
+    ids = torch.randint(0, 28, (16, 12), generator=torch.Generator().manual_seed(3))
+    trainer = TRAINERS[variant](model=model, args=make_args(tmp_path, max_steps=4, per_device_train_batch_size=4),
+                                train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
+    trainer.train()
+    assert calls == [(4, 12)], calls  # 4 steps, one check
+    bad = ids.clone()
+    bad[:, 0] = 29  # every row: whichever rows the first batch draws
+    trainer = TRAINERS[variant](model=model, args=make_args(tmp_path / "bad", max_steps=1),
+                                train_dataset=datasets.Dataset.from_dict({"input_ids": bad.tolist()}))
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 29\)"):
+        trainer.train()
+
+
 def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(tmp_path):
     """elbo_weight = mu adds mu times the uniform-state NELBO of the same z_t and logits: the difference to the simple
     loss is mu * NELBO, and that NELBO is the model's own `nelbo_per_token` on the same noise draw."""

@@ -191,8 +191,8 @@ class DiffusionTrainer(Trainer):
 
     def _check_token_ids(self, input_ids, unwrapped) -> None:
         """Ids outside the model's vocabulary (a tokenizer that does not match the model) fail with a ValueError. One
-        device sync, so only on the first training batch (each step's forward checks the discrete variants' ids
-        anyway) and on every evaluation batch."""
+        device sync, so only on the first training batch (the training step itself never checks: the network sees
+        only the process's draws from these ids) and on every evaluation batch."""
         vocab_size = getattr(getattr(unwrapped, "config", None), "vocab_size", None)
         if vocab_size is not None:
             check_token_ids(input_ids, vocab_size, "input_ids")
