@@ -230,6 +230,25 @@ class UniformStateScheduler:
         S, log_p_z, log_p_x = _UniformELBOTerms.apply(logits, z_t, x0, scale, floor)  # (B, L) each, in `dtype`
         return self._nelbo_from_terms(S, log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus)
 
+    def nelbo_and_log_terms(
+        self,
+        logits: torch.Tensor,
+        x0: torch.Tensor,
+        z_t: torch.Tensor,
+        alpha_t: torch.Tensor | float,
+        dalpha_t: torch.Tensor | float,
+        eps: float,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`nelbo_per_token_from_logits` and, from the same fused softmax pass, sum_j log(p_j + eps) and log p[x0]
+        (SDDLM's regulariser and cross-entropy terms in its hybrid loss): (nelbo, S_eps, log_p_x), (B, L) each."""
+        alpha, dalpha, one_minus = self._elbo_scalars(alpha_t, dalpha_t, x0, dtype)
+        scale = torch.stack([(self.vocab_size * alpha).expand(x0.shape), torch.ones(x0.shape, dtype=dtype,
+                                                                                   device=x0.device)])  # (2, B, L)
+        floor = torch.stack([one_minus.expand(x0.shape), torch.full(x0.shape, eps, dtype=dtype, device=x0.device)])
+        S, log_p_z, log_p_x = _UniformELBOTerms.apply(logits, z_t, x0, scale, floor)  # S: (2, B, L)
+        return self._nelbo_from_terms(S[0], log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus), S[1], log_p_x
+
     def nelbo_per_token_generic(
         self,
         x_theta: torch.Tensor,
@@ -292,6 +311,7 @@ class _UniformELBOTerms(torch.autograd.Function):
         S = sum_j log(c p_j + b),   log p[z],   log p[x]                                   (each (B, L))
     Backward, with r_j = c p_j / (c p_j + b):
         dS/dlogits = r - p sum_j r_j,   dlog p[k]/dlogits = e_k - p
+    c and b may stack K pairs on a leading dimension, (K, B, L): S is then (K, B, L), from the same softmax.
     The softmax is recomputed in backward from the saved logits instead of being stored. The log-normaliser comes
     from the softmax itself, lse = max_j logit_j - log max_j p_j (the largest probability is >= 1/V, so its log is
     accurate). On CPU the rows are processed in cache-sized chunks, so that the (chunk, V) temporaries never leave
@@ -302,16 +322,20 @@ class _UniformELBOTerms(torch.autograd.Function):
         dtype = scale.dtype
         V = logits.shape[-1]
         flat = logits.reshape(-1, V)
-        c, b = scale.reshape(-1, 1), floor.reshape(-1, 1)
-        S = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
-        lse = torch.empty_like(S)
+        K = scale.shape[0] if scale.dim() == logits.dim() else 1  # K affine pairs stacked on a leading dim
+        c, b = scale.reshape(K, -1, 1), floor.reshape(K, -1, 1)
+        S = torch.empty(K, flat.shape[0], dtype=dtype, device=logits.device)
+        lse = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
         starts, step = _row_chunks(flat.shape[0], V, logits.device)
         for i in starts:
-            x = flat[i:i + step].to(dtype)  # (n, V)
+            rows = slice(i, i + step)
+            x = flat[rows].to(dtype)  # (n, V)
             p = torch.softmax(x, dim=-1)
-            lse[i:i + step] = x.amax(-1) - torch.log(p.amax(-1))
-            S[i:i + step] = p.mul_(c[i:i + step]).add_(b[i:i + step]).log_().sum(-1)
-        lse = lse.view(scale.shape)
+            lse[rows] = x.amax(-1) - torch.log(p.amax(-1))
+            for k in range(K):  # the last pair works in place on p
+                term = p.mul_(c[k, rows]) if k == K - 1 else torch.mul(p, c[k, rows])
+                S[k, rows] = term.add_(b[k, rows]).log_().sum(-1)
+        lse = lse.view(x0.shape)
         log_p_z = logits.gather(-1, z_t[..., None]).squeeze(-1).to(dtype) - lse
         log_p_x = logits.gather(-1, x0[..., None]).squeeze(-1).to(dtype) - lse
         ctx.save_for_backward(logits, z_t, x0, scale, floor)
@@ -322,18 +346,23 @@ class _UniformELBOTerms(torch.autograd.Function):
         logits, z_t, x0, scale, floor = ctx.saved_tensors
         V = logits.shape[-1]
         flat = logits.reshape(-1, V)
-        c, b = scale.reshape(-1, 1), floor.reshape(-1, 1)
-        g_S = grad_S.reshape(-1, 1)
+        K = scale.shape[0] if scale.dim() == logits.dim() else 1
+        c, b = scale.reshape(K, -1, 1), floor.reshape(K, -1, 1)
+        g_S = grad_S.reshape(K, -1, 1)
         g_direct = (grad_z + grad_x).reshape(-1, 1)
         grad = torch.empty(flat.shape, dtype=scale.dtype, device=logits.device)
         starts, step = _row_chunks(flat.shape[0], V, logits.device)
         for i in starts:
             rows = slice(i, i + step)
             p = torch.softmax(flat[rows].to(scale.dtype), dim=-1)  # (n, V)
-            r = torch.addcmul(b[rows], p, c[rows])  # c p + b
-            r.reciprocal_().mul_(-b[rows]).add_(1)  # r = c p / (c p + b) = 1 - b / (c p + b)
-            coeff = g_S[rows] * r.sum(-1, keepdim=True) + g_direct[rows]  # (n, 1)
-            torch.sub(r.mul_(g_S[rows]), p.mul_(coeff), out=grad[rows])
+            total, coeff = None, g_direct[rows]
+            for k in range(K):
+                r = torch.addcmul(b[k, rows], p, c[k, rows])  # c p + b
+                r.reciprocal_().mul_(-b[k, rows]).add_(1)  # r = c p / (c p + b) = 1 - b / (c p + b)
+                coeff = g_S[k, rows] * r.sum(-1, keepdim=True) + coeff  # (n, 1)
+                r.mul_(g_S[k, rows])
+                total = r if total is None else total.add_(r)
+            torch.sub(total, p.mul_(coeff), out=grad[rows])
         grad = grad.view(logits.shape)
         grad.scatter_add_(-1, z_t[..., None], grad_z[..., None])
         grad.scatter_add_(-1, x0[..., None], grad_x[..., None])

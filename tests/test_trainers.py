@@ -333,6 +333,32 @@ def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(tmp_path):
         config_class(elbo_weight=-1.0)
 
 
+def test_one_fused_pass_gives_the_bound_and_the_regulariser_terms():
+    """`nelbo_and_log_terms` (two affine sums from one softmax) equals the two separate fused calls, in value and
+    gradient (float64)."""
+    from modeling_dlm.scheduling_uniform import UniformStateScheduler, softmax_log_affine_terms
+
+    V, eps = 23, 1e-3
+    sched = UniformStateScheduler(V)
+    g = torch.Generator().manual_seed(4)
+    logits = (3 * torch.randn(3, 5, V, generator=g, dtype=torch.float64)).requires_grad_()
+    x0 = torch.randint(0, V, (3, 5), generator=g)
+    z_t = torch.where(torch.rand(3, 5, generator=g) < 0.5, torch.randint(0, V, (3, 5), generator=g), x0)
+    alpha = torch.tensor([0.02, 0.5, 0.97], dtype=torch.float64)
+    dalpha = torch.full((3,), -(1 - 1e-3), dtype=torch.float64)
+    w = torch.randn(3, 3, 5, generator=g, dtype=torch.float64)  # random cotangents for the three outputs
+    nelbo, S, log_p_x = sched.nelbo_and_log_terms(logits, x0, z_t, alpha, dalpha, eps=eps, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((w[0] * nelbo + w[1] * S + w[2] * log_p_x).sum(), logits)
+    ref_nelbo = sched.nelbo_per_token_from_logits(logits, x0, z_t, alpha, dalpha, dtype=torch.float64)
+    ones = torch.ones(3, 5, dtype=torch.float64)
+    ref_S, ref_log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
+    (ref_grad,) = torch.autograd.grad((w[0] * ref_nelbo + w[1] * ref_S + w[2] * ref_log_p_x).sum(), logits)
+    torch.testing.assert_close(nelbo, ref_nelbo, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S, ref_S, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(log_p_x, ref_log_p_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("regularizer", ["mean", "sampled", "none"])
 def test_sddlm_loss_matches_the_plain_autograd_chain(regularizer):
     """The fused / logsumexp forms give the value and gradient of the direct softmax chain (the loss works in float32;

@@ -50,14 +50,18 @@ def sddlm_loss(
     num_negative_samples: int = 1,
     eps: float = 1e-6,
     generator: torch.Generator | None = None,
+    terms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """logits (B, L, V), x0 (B, L), loss_positions (B, L) bool (noise-replaced and not padding).
+    """logits (B, L, V), x0 (B, L), loss_positions (B, L) bool (noise-replaced and not padding). `terms`: the
+    (S = sum_v log(p_v + eps), log p[x]) of the "mean" and "hinge" forms when a fused pass already computed them.
     Returns (loss, {"ce": ..., "reg": ..., "corrupted_fraction": ...})."""
     V = logits.shape[-1]
     if regularizer in ("mean", "hinge"):
-        # one fused node: S = sum_v log(p_v + eps) and log p[x], recomputing the softmax in backward
-        ones = torch.ones(x0.shape, device=x0.device)
-        S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
+        if terms is not None:
+            S, log_p_x = terms
+        else:  # one fused node: S = sum_v log(p_v + eps) and log p[x], recomputing the softmax in backward
+            ones = torch.ones(x0.shape, device=x0.device)
+            S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
         reg = S / V  # (B, L)
         if regularizer == "hinge":
             # KL(U || p) = -log V - mean_v log(p_v + eps), shifted by log(1 + V eps) so that it is exactly 0 at the
@@ -106,15 +110,23 @@ class SDDLMTrainer(DiffusionTrainer):
         positions = (noised.z_t != input_ids) if config.loss_mask == "changed" else noised.replaced
         if attention_mask is not None:
             positions = positions & attention_mask.bool()
+        per_token = terms = None
+        if config.elbo_weight and config.regularizer in ("mean", "hinge"):
+            # the hybrid's bound and the regulariser's terms from ONE fused softmax pass over the vocabulary
+            per_token, S, log_p_x = unwrapped.noise_scheduler.nelbo_and_log_terms(
+                noised.logits, input_ids, noised.z_t, noised.alpha, noised.dalpha, eps=config.regularizer_eps)
+            terms = (S, log_p_x)
+        elif config.elbo_weight:
+            per_token = unwrapped.nelbo_from_noised(input_ids, noised)
         loss, stats = sddlm_loss(
             noised.logits, input_ids, positions,
             regularizer=config.regularizer, regularizer_weight=config.regularizer_weight,
             regularizer_margin=config.regularizer_margin, normalization=config.loss_normalization,
             num_negative_samples=config.num_negative_samples, eps=config.regularizer_eps, generator=generator,
+            terms=terms,
         )
-        if config.elbo_weight:
-            # the hybrid: the uniform-state NELBO of the same draw (one more fused O(V) pass)
-            nelbo = masked_mean(unwrapped.nelbo_from_noised(input_ids, noised), attention_mask)
+        if per_token is not None:  # the hybrid: mu times the uniform-state NELBO of the same draw
+            nelbo = masked_mean(per_token, attention_mask)
             loss = loss + config.elbo_weight * nelbo
             stats["nelbo"] = nelbo.detach()
         return loss, stats
