@@ -162,12 +162,13 @@ def plot(results: dict, args, path: Path) -> None:
     axes[0].axvline(1.0, color="k", lw=1)
     axes[0].set_xlabel("held-out NLL bound / AR NLL (nats per token ratio)")
     axes[0].invert_yaxis()
-    for name in names:
+    colors = plt.cm.tab20.colors  # one distinct colour per run (tab10 repeats after ten)
+    for i, name in enumerate(names):
         if not results[name]["samples"]:
             continue
         pts = [(results[name]["samples"][str(s)]["entropy"], results[name]["samples"][str(s)]["gen_ppl"])
                for s in args.gen_steps]
-        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=colors[i % 20])
         for (x, y), s in zip(pts, args.gen_steps):
             axes[1].annotate(str(s), (x, y), fontsize=7)
     axes[1].set_yscale("log")

@@ -146,7 +146,7 @@ def main(argv=None):
 
 def summarise(results: dict) -> None:
     """Mean and spread over seeds of every (source, case), and its ratio to Duo's mean when Duo ran."""
-    sys.stdout.write("\nsource    case                             seeds  mean NELBO (min-max)   / Duo\n")
+    sys.stdout.write("\nsource    case                                 seeds  mean NELBO (min-max)   / Duo\n")
     for source in dict.fromkeys(r["source"] for r in results["rows"]):
         rows = [r for r in results["rows"] if r["source"] == source]
         means = {}
@@ -155,7 +155,7 @@ def summarise(results: dict) -> None:
             means[case] = (sum(values) / len(values), min(values), max(values), len(values))
         for case, (mean, low, high, n) in means.items():
             ratio = f"{mean / means['duo'][0]:.3f}x" if "duo" in means else "-"
-            sys.stdout.write(f"{source:9s} {case:32s} {n:5d}  {mean:.3f} ({low:.3f}-{high:.3f})  {ratio}\n")
+            sys.stdout.write(f"{source:9s} {case:36s} {n:5d}  {mean:.3f} ({low:.3f}-{high:.3f})  {ratio}\n")
 
 
 def plot(results: dict, path: Path) -> None:
