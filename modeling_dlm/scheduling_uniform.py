@@ -237,17 +237,20 @@ class UniformStateScheduler:
         z_t: torch.Tensor,
         alpha_t: torch.Tensor | float,
         dalpha_t: torch.Tensor | float,
-        eps: float,
+        eps: float | None,
         dtype: torch.dtype = torch.float32,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """`nelbo_per_token_from_logits` and, from the same fused softmax pass, sum_j log(p_j + eps) and log p[x0]
-        (SDDLM's regulariser and cross-entropy terms in its hybrid loss): (nelbo, S_eps, log_p_x), (B, L) each."""
+        (SDDLM's regulariser and cross-entropy terms in its hybrid loss): (nelbo, S_eps, log_p_x), (B, L) each.
+        With `eps=None` the second sum is skipped (S_eps is None)."""
         alpha, dalpha, one_minus = self._elbo_scalars(alpha_t, dalpha_t, x0, dtype)
-        scale = torch.stack([(self.vocab_size * alpha).expand(x0.shape), torch.ones(x0.shape, dtype=dtype,
-                                                                                   device=x0.device)])  # (2, B, L)
-        floor = torch.stack([one_minus.expand(x0.shape), torch.full(x0.shape, eps, dtype=dtype, device=x0.device)])
-        S, log_p_z, log_p_x = _UniformELBOTerms.apply(logits, z_t, x0, scale, floor)  # S: (2, B, L)
-        return self._nelbo_from_terms(S[0], log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus), S[1], log_p_x
+        scale, floor = (self.vocab_size * alpha).expand(x0.shape), one_minus.expand(x0.shape)  # (B, L) each
+        if eps is not None:  # a second affine pair: (2, B, L)
+            scale = torch.stack([scale, torch.ones(x0.shape, dtype=dtype, device=x0.device)])
+            floor = torch.stack([floor, torch.full(x0.shape, eps, dtype=dtype, device=x0.device)])
+        S, log_p_z, log_p_x = _UniformELBOTerms.apply(logits, z_t, x0, scale.contiguous(), floor.contiguous())
+        S_elbo, S_eps = (S[0], S[1]) if eps is not None else (S, None)
+        return self._nelbo_from_terms(S_elbo, log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus), S_eps, log_p_x
 
     def nelbo_per_token_generic(
         self,

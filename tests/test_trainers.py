@@ -307,7 +307,8 @@ def test_token_ids_are_range_checked_on_the_first_training_batch_only(variant, t
         trainer.train()
 
 
-def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(tmp_path):
+@pytest.mark.parametrize("regularizer", ["hinge", "none", "sampled"])
+def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(regularizer, tmp_path):
     """elbo_weight = mu adds mu times the uniform-state NELBO of the same z_t and logits: the difference to the simple
     loss is mu * NELBO, and that NELBO is the model's own `nelbo_per_token` on the same noise draw."""
     from trainers.sddlm import SDDLMTrainer
@@ -316,7 +317,7 @@ def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(tmp_path):
     torch.manual_seed(0)
     model = model_class(config_class(vocab_size=29, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
-                                     elbo_weight=0.5))
+                                     elbo_weight=0.5, regularizer=regularizer))
     ids = torch.randint(0, 29, (4, 12), generator=torch.Generator().manual_seed(3))
     trainer = SDDLMTrainer(model=model, args=make_args(tmp_path),
                            train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
@@ -357,6 +358,10 @@ def test_one_fused_pass_gives_the_bound_and_the_regulariser_terms():
     torch.testing.assert_close(S, ref_S, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(log_p_x, ref_log_p_x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    only, none, only_log_p_x = sched.nelbo_and_log_terms(logits, x0, z_t, alpha, dalpha, eps=None, dtype=torch.float64)
+    assert none is None
+    torch.testing.assert_close(only, ref_nelbo, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(only_log_p_x, ref_log_p_x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("regularizer", ["mean", "sampled", "none"])

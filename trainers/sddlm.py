@@ -53,7 +53,8 @@ def sddlm_loss(
     terms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """logits (B, L, V), x0 (B, L), loss_positions (B, L) bool (noise-replaced and not padding). `terms`: the
-    (S = sum_v log(p_v + eps), log p[x]) of the "mean" and "hinge" forms when a fused pass already computed them.
+    (S = sum_v log(p_v + eps), log p[x]) of the "mean" and "hinge" forms ((None, log p[x]) for "none") when a fused
+    pass already computed them.
     Returns (loss, {"ce": ..., "reg": ..., "corrupted_fraction": ...})."""
     V = logits.shape[-1]
     if regularizer in ("mean", "hinge"):
@@ -69,6 +70,9 @@ def sddlm_loss(
             # a prediction is within `margin` of uniform
             kl = -math.log(V) - reg + math.log1p(V * eps)
             reg = torch.relu(regularizer_margin - kl)
+    elif regularizer == "none" and terms is not None:
+        log_p_x = terms[1]  # from the hybrid's fused pass
+        reg = torch.zeros_like(log_p_x)
     else:
         # log p[x] from the fused cross-entropy kernel
         flat = logits.reshape(-1, V).float()
@@ -111,10 +115,11 @@ class SDDLMTrainer(DiffusionTrainer):
         if attention_mask is not None:
             positions = positions & attention_mask.bool()
         per_token = terms = None
-        if config.elbo_weight and config.regularizer in ("mean", "hinge"):
-            # the hybrid's bound and the regulariser's terms from ONE fused softmax pass over the vocabulary
+        if config.elbo_weight and config.regularizer in ("mean", "hinge", "none"):
+            # the hybrid's bound, log p[x] and the regulariser's sum from ONE fused softmax pass over the vocabulary
+            eps = config.regularizer_eps if config.regularizer != "none" else None
             per_token, S, log_p_x = unwrapped.noise_scheduler.nelbo_and_log_terms(
-                noised.logits, input_ids, noised.z_t, noised.alpha, noised.dalpha, eps=config.regularizer_eps)
+                noised.logits, input_ids, noised.z_t, noised.alpha, noised.dalpha, eps=eps)
             terms = (S, log_p_x)
         elif config.elbo_weight:
             per_token = unwrapped.nelbo_from_noised(input_ids, noised)
