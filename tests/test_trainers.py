@@ -305,6 +305,10 @@ def test_token_ids_are_range_checked_on_the_first_training_batch_only(variant, t
                                 train_dataset=datasets.Dataset.from_dict({"input_ids": bad.tolist()}))
     with pytest.raises(ValueError, match=r"token ids outside \[0, 29\)"):
         trainer.train()
+    from trainers.evaluation import evaluate_likelihood  # `dlm eval`'s loop checks every batch
+
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 29\)"):
+        evaluate_likelihood(model.eval(), [{"input_ids": row} for row in bad.tolist()], batch_size=4)
 
 
 @pytest.mark.parametrize("regularizer", ["hinge", "none", "sampled"])

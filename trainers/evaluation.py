@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
+from modeling_dlm.generation_dlm import check_token_ids
 from modeling_dlm.noise_schedules import antithetic_times
 
 
@@ -30,6 +31,7 @@ def nelbo_batch_sums(
     `per_sequence`. No gradients."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
+    check_token_ids(input_ids, model.config.vocab_size, "input_ids")  # once per batch: the steps below never check
     model.check_clean_ids(input_ids)
     total = None
     with torch.no_grad():
