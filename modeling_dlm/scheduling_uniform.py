@@ -224,11 +224,7 @@ class UniformStateScheduler:
         two gathers run in one autograd node (`_UniformELBOTerms`) that keeps no (B, L, V) tensor besides the
         logits and builds one (forward) or two (backward) (B, L, V) temporaries in `dtype` (the unfused chain keeps
         five). Same value and gradient as `nelbo_per_token(logits.to(dtype).log_softmax(-1), ...)` up to rounding."""
-        alpha, dalpha, one_minus = self._elbo_scalars(alpha_t, dalpha_t, x0, dtype)
-        scale = (self.vocab_size * alpha).expand(x0.shape).contiguous()  # (B, L); its dtype is the O(V) pass's
-        floor = one_minus.expand(x0.shape).contiguous()
-        S, log_p_z, log_p_x = _UniformELBOTerms.apply(logits, z_t, x0, scale, floor)  # (B, L) each, in `dtype`
-        return self._nelbo_from_terms(S, log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus)
+        return self.nelbo_and_log_terms(logits, x0, z_t, alpha_t, dalpha_t, eps=None, dtype=dtype)[0]
 
     def nelbo_and_log_terms(
         self,
@@ -244,7 +240,8 @@ class UniformStateScheduler:
         (SDDLM's regulariser and cross-entropy terms in its hybrid loss): (nelbo, S_eps, log_p_x), (B, L) each.
         With `eps=None` the second sum is skipped (S_eps is None)."""
         alpha, dalpha, one_minus = self._elbo_scalars(alpha_t, dalpha_t, x0, dtype)
-        scale, floor = (self.vocab_size * alpha).expand(x0.shape), one_minus.expand(x0.shape)  # (B, L) each
+        # (B, L) each; their dtype is the O(V) pass's
+        scale, floor = (self.vocab_size * alpha).expand(x0.shape), one_minus.expand(x0.shape)
         if eps is not None:  # a second affine pair: (2, B, L)
             scale = torch.stack([scale, torch.ones(x0.shape, dtype=dtype, device=x0.device)])
             floor = torch.stack([floor, torch.full(x0.shape, eps, dtype=dtype, device=x0.device)])

@@ -250,17 +250,22 @@ def test_sddlm_loss_pure_function():
         sddlm_loss(logits, x0, positions, regularizer="contrastive")
 
 
+def tiny_discrete(variant: str, vocab: int = 29, **overrides):
+    """A seeded one-layer model of a discrete variant on sequences of 12 tokens (MDLM's mask id: vocab - 1)."""
+    config_class, model_class = VARIANTS[variant]
+    extra = {"mask_token_id": vocab - 1} if variant == "mdlm" else {}
+    torch.manual_seed(0)
+    return model_class(config_class(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0, **extra,
+                                    **overrides))
+
+
 @pytest.mark.parametrize("variant", ["mdlm", "duo", "sddlm"])
 def test_training_and_nelbo_compute_one_bound(variant, tmp_path):
     """The Trainer's bound and `model.nelbo_per_token` run one code path (`noised_forward`, then
     `nelbo_from_noised`): for the same x, t and noise they give the same numbers, bit for bit."""
-    config_class, model_class = VARIANTS[variant]
-    vocab = 29
-    extra = {"mask_token_id": vocab - 1} if variant == "mdlm" else {}
-    torch.manual_seed(0)
-    model = model_class(config_class(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0, **extra))
-    ids = torch.randint(0, vocab - 1, (4, 12), generator=torch.Generator().manual_seed(3))
+    model = tiny_discrete(variant)
+    ids = torch.randint(0, 28, (4, 12), generator=torch.Generator().manual_seed(3))
     trainer = TRAINERS[variant](model=model, args=make_args(tmp_path),
                                 train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
     t = torch.tensor([0.02, 0.3, 0.6, 0.97])
@@ -289,11 +294,7 @@ def test_token_ids_are_range_checked_on_the_first_training_batch_only(variant, t
 
     monkeypatch.setattr(base, "check_token_ids", counting)
     monkeypatch.setattr(modeling, "check_token_ids", counting)
-    config_class, model_class = VARIANTS[variant]
-    extra = {"mask_token_id": 28} if variant == "mdlm" else {}
-    torch.manual_seed(0)
-    model = model_class(config_class(vocab_size=29, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0, **extra))
+    model = tiny_discrete(variant)
     ids = torch.randint(0, 28, (16, 12), generator=torch.Generator().manual_seed(3))
     trainer = TRAINERS[variant](model=model, args=make_args(tmp_path, max_steps=4, per_device_train_batch_size=4),
                                 train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
@@ -317,11 +318,7 @@ def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(regularizer, tmp_p
     loss is mu * NELBO, and that NELBO is the model's own `nelbo_per_token` on the same noise draw."""
     from trainers.sddlm import SDDLMTrainer
 
-    config_class, model_class = VARIANTS["sddlm"]
-    torch.manual_seed(0)
-    model = model_class(config_class(vocab_size=29, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0,
-                                     elbo_weight=0.5, regularizer=regularizer))
+    model = tiny_discrete("sddlm", elbo_weight=0.5, regularizer=regularizer)
     ids = torch.randint(0, 29, (4, 12), generator=torch.Generator().manual_seed(3))
     trainer = SDDLMTrainer(model=model, args=make_args(tmp_path),
                            train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
@@ -335,7 +332,7 @@ def test_sddlm_hybrid_adds_the_uniform_nelbo_of_the_same_draw(regularizer, tmp_p
     assert hybrid.item() == pytest.approx(simple.item() + 0.5 * nelbo.item(), rel=1e-5)
     assert stats["nelbo"].item() > 0.5  # an untrained model: the bound is near log V, far from 0
     with pytest.raises(ValueError, match=r"`elbo_weight` must be >= 0, got -1"):
-        config_class(elbo_weight=-1.0)
+        VARIANTS["sddlm"][0](elbo_weight=-1.0)
 
 
 def test_one_fused_pass_gives_the_bound_and_the_regulariser_terms():

@@ -192,11 +192,11 @@ class DiffusionTrainer(Trainer):
     def _check_token_ids(self, input_ids, unwrapped) -> None:
         """Ids outside the model's vocabulary (a tokenizer that does not match the model) fail with a ValueError. One
         device sync, so only on the first training batch (the training step itself never checks: the network sees
-        only the process's draws from these ids) and on every evaluation batch."""
+        only the process's draws from these ids); evaluation batches are checked by `nelbo_batch_sums`."""
         vocab_size = getattr(getattr(unwrapped, "config", None), "vocab_size", None)
         if vocab_size is not None:
             check_token_ids(input_ids, vocab_size, "input_ids")
-        if hasattr(unwrapped, "check_clean_ids"):
+        if hasattr(unwrapped, "check_clean_ids"):  # absent from checkpoints whose shipped code predates it
             unwrapped.check_clean_ids(input_ids)  # e.g. MDLM: no mask token in clean data
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -239,8 +239,7 @@ class DiffusionTrainer(Trainer):
         samples a distributed sampler repeats to even out the last batch."""
         input_ids, attention_mask = self._batch(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
-        self._check_token_ids(input_ids, unwrapped)
-        self._eval_batches += 1
+        self._eval_batches += 1  # `nelbo_batch_sums` checks this batch's ids
         generator = torch.Generator(device=input_ids.device).manual_seed(
             _mix(self.args.seed, self._eval_batches, self.args.process_index, 3)
         )

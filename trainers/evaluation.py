@@ -32,7 +32,8 @@ def nelbo_batch_sums(
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
     check_token_ids(input_ids, model.config.vocab_size, "input_ids")  # once per batch: the steps below never check
-    model.check_clean_ids(input_ids)
+    if hasattr(model, "check_clean_ids"):  # absent from checkpoints whose shipped code predates it
+        model.check_clean_ids(input_ids)
     total = None
     with torch.no_grad():
         for _ in range(num_time_samples):

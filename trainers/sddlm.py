@@ -52,17 +52,20 @@ def sddlm_loss(
     generator: torch.Generator | None = None,
     terms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """logits (B, L, V), x0 (B, L), loss_positions (B, L) bool (noise-replaced and not padding). `terms`: the
-    (S = sum_v log(p_v + eps), log p[x]) of the "mean" and "hinge" forms ((None, log p[x]) for "none") when a fused
-    pass already computed them.
-    Returns (loss, {"ce": ..., "reg": ..., "corrupted_fraction": ...})."""
+    """logits (B, L, V), x0 (B, L), loss_positions (B, L) bool (noise-replaced and not padding). `terms`: (S, log p[x])
+    when a fused pass already computed them, S = sum_v log(p_v + eps) for the "mean" and "hinge" forms (None for the
+    others). Returns (loss, {"ce": ..., "reg": ..., "corrupted_fraction": ...})."""
     V = logits.shape[-1]
+    if regularizer not in ("hinge", "mean", "sampled", "none"):
+        raise ValueError(f"`regularizer` must be 'hinge', 'mean', 'sampled' or 'none', got {regularizer!r}")
+    S, log_p_x = terms if terms is not None else (None, None)
+    if log_p_x is None and regularizer in ("mean", "hinge"):
+        # one fused node: S = sum_v log(p_v + eps) and log p[x], recomputing the softmax in backward
+        ones = torch.ones(x0.shape, device=x0.device)
+        S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
+    elif log_p_x is None:  # log p[x] from the fused cross-entropy kernel
+        log_p_x = -F.cross_entropy(logits.reshape(-1, V).float(), x0.reshape(-1), reduction="none").view(x0.shape)
     if regularizer in ("mean", "hinge"):
-        if terms is not None:
-            S, log_p_x = terms
-        else:  # one fused node: S = sum_v log(p_v + eps) and log p[x], recomputing the softmax in backward
-            ones = torch.ones(x0.shape, device=x0.device)
-            S, log_p_x, _ = softmax_log_affine_terms(logits, x0, x0, ones, torch.full_like(ones, eps))
         reg = S / V  # (B, L)
         if regularizer == "hinge":
             # KL(U || p) = -log V - mean_v log(p_v + eps), shifted by log(1 + V eps) so that it is exactly 0 at the
@@ -70,22 +73,13 @@ def sddlm_loss(
             # a prediction is within `margin` of uniform
             kl = -math.log(V) - reg + math.log1p(V * eps)
             reg = torch.relu(regularizer_margin - kl)
-    elif regularizer == "none" and terms is not None:
-        log_p_x = terms[1]  # from the hybrid's fused pass
-        reg = torch.zeros_like(log_p_x)
+    elif regularizer == "sampled":
+        lse = logits.gather(-1, x0[..., None]).squeeze(-1).float() - log_p_x  # logit[x] - log p[x]
+        negatives = torch.randint(0, V, (*x0.shape, num_negative_samples), generator=generator, device=x0.device)
+        log_p_neg = logits.gather(-1, negatives).float() - lse[..., None]  # (B, L, K)
+        reg = torch.log(log_p_neg.exp() + eps).mean(-1)
     else:
-        # log p[x] from the fused cross-entropy kernel
-        flat = logits.reshape(-1, V).float()
-        log_p_x = -F.cross_entropy(flat, x0.reshape(-1), reduction="none").view(x0.shape)  # (B, L)
-        if regularizer == "sampled":
-            lse = logits.gather(-1, x0[..., None]).squeeze(-1).float() - log_p_x  # logit[x] - log p[x]
-            negatives = torch.randint(0, V, (*x0.shape, num_negative_samples), generator=generator, device=x0.device)
-            log_p_neg = logits.gather(-1, negatives).float() - lse[..., None]  # (B, L, K)
-            reg = torch.log(log_p_neg.exp() + eps).mean(-1)
-        elif regularizer == "none":
-            reg = torch.zeros_like(log_p_x)
-        else:
-            raise ValueError(f"`regularizer` must be 'hinge', 'mean', 'sampled' or 'none', got {regularizer!r}")
+        reg = torch.zeros_like(log_p_x)
     ce = -torch.log(log_p_x.exp() + eps)  # (B, L)
     m = loss_positions.to(ce.dtype)
     count = m.sum()
@@ -115,14 +109,12 @@ class SDDLMTrainer(DiffusionTrainer):
         if attention_mask is not None:
             positions = positions & attention_mask.bool()
         per_token = terms = None
-        if config.elbo_weight and config.regularizer in ("mean", "hinge", "none"):
-            # the hybrid's bound, log p[x] and the regulariser's sum from ONE fused softmax pass over the vocabulary
-            eps = config.regularizer_eps if config.regularizer != "none" else None
+        if config.elbo_weight:
+            # the hybrid's bound, log p[x] and (mean, hinge) the regulariser's sum from ONE fused pass over the vocab
+            eps = config.regularizer_eps if config.regularizer in ("mean", "hinge") else None
             per_token, S, log_p_x = unwrapped.noise_scheduler.nelbo_and_log_terms(
                 noised.logits, input_ids, noised.z_t, noised.alpha, noised.dalpha, eps=eps)
             terms = (S, log_p_x)
-        elif config.elbo_weight:
-            per_token = unwrapped.nelbo_from_noised(input_ids, noised)
         loss, stats = sddlm_loss(
             noised.logits, input_ids, positions,
             regularizer=config.regularizer, regularizer_weight=config.regularizer_weight,
