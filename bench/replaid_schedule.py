@@ -46,11 +46,11 @@ def per_time_metrics(model, blocks: torch.Tensor, ts: list[float], batch_size: i
             t = torch.full((len(x),), t_value)
             gamma, dgamma = model.noise_schedule(t)  # (b,) float64 each
             embeds = E[x]  # (b, L, d_e)
-            z = model.noise_scheduler.add_noise(embeds, gamma, generator=generator)
+            z = model.noise_process.scheduler.add_noise(embeds, gamma, generator=generator)
             logits = model._denoise(z, t, None, self_conditioning=True)  # (b, L, V)
             log_probs = logits.float().log_softmax(-1)
             ce = -log_probs.gather(-1, x[..., None]).squeeze(-1).double()  # (b, L)
-            diff = model.noise_scheduler.diffusion_loss(embeds, log_probs.exp() @ E, gamma, dgamma)  # (b, L)
+            diff = model.noise_process.scheduler.diffusion_loss(embeds, log_probs.exp() @ E, gamma, dgamma)  # (b, L)
             ce_sum += float(ce.sum())
             diff_sum += float(diff.sum())
             tokens += x.numel()

@@ -57,16 +57,17 @@ def make_fns(variant: str, args):
         def forward():
             model(input_ids=ids, sigma=torch.full((B,), 0.7))
 
-    state = model._sampling_init(canvas, given, None, gen, g)
+    process = model.noise_process
+    start_z = process.fix(process.prior_sample(canvas.shape, g, canvas.device), canvas, given)
     if variant == "mdlm":  # a partly unmasked canvas, as in the middle of sampling
-        state["z"] = torch.where(torch.rand(B, L, generator=g) < 0.5, state["z"], ids)
-    start_z = state["z"].clone()
+        start_z = torch.where(torch.rand(B, L, generator=g) < 0.5, start_z, ids)
+    options = model._step_options(gen)
 
-    def step():
-        state["z"], state["logits"] = start_z, None  # the same input every time; no cache hit for MDLM
-        if variant == "replaid":
-            state["self_cond"] = None
-        model._sampling_step(state, t, s, False, gen, g)
+    def step():  # one iteration of `generate`'s loop, from the same input every time (no cache hit for MDLM)
+        state = {"mask": None, "forward_passes": 0, "forward_sequences": 0}
+        logits = model._sampling_logits(process, start_z, t, state, gen)
+        z = process.step(logits, start_z, t, s, generator=g, final=False, **options)
+        process.fix(z, canvas, given, s, generator=g, final=False)
 
     return forward, step
 

@@ -1,16 +1,17 @@
 """Generation for dlm models: generation configs, per-variant `...GenerationMixin`s and one shared sampling loop.
 
-The loop (`DiffusionLMGenerationMixin.generate`) is the only place where the network and the noise process meet at
-inference. It walks the time grid t_k = 1 - k / num_steps from 1 to 0, one network call per step, and asks the
-variant's hooks for the step itself:
+The loop (`DiffusionLMGenerationMixin._sampling_loop`) is the only place where the network and the noise process
+meet at inference. It walks the time grid from t = 1 to 0, one network call per step, and hands the step to the
+model's `noise_process` (the interface in `functional_dlm.py`):
+    z = fix(prior_sample());  for t, s in grid:  z = fix(step(filter(x_hat logits at (z, t)), z, t, s))
     - uniform state (SDDLM, Duo): ancestral posterior step of `scheduling_uniform` (methods.md §B.4); at the last step
       either the posterior with alpha_s = 1 (`sampler="ancestral"`) or argmax of x_hat (`sampler="greedy_tail"`).
-    - absorbing state (MDLM): ancestral unmasking with x_hat reused while nothing changed (the caching sampler),
-      since MDLM has no time conditioning.
-    - Gaussian (RePlaid): VDM ancestral step (or `sampler="ddim"`), score temperature, self-conditioning carried
-      across steps, tokens by argmax at the end (methods.md §C.4).
+    - absorbing state (MDLM): ancestral unmasking; the model hook `_sampling_logits` reuses each sequence's x_hat
+      while its z_t is unchanged (the caching sampler), since MDLM has no time conditioning.
+    - Gaussian (RePlaid): VDM ancestral step (or `sampler="ddim"`, the hook `_step_options`), score temperature,
+      self-conditioning on the previous step's e_hat (carried in the latent), tokens by argmax (methods.md §C.4).
 Temperature, top-k and top-p act on the denoiser's x_hat, never on the posterior (Duo issue #29). Given tokens (a
-prompt prefix, or everything outside `infill_mask`) are clamped after every step and never change.
+prompt prefix, or everything outside `infill_mask`) are clamped once per step (`fix`) and never change.
 
 `num_steps` is always exactly the number of network calls; the last call decodes (the noise removal). Where it
 decodes is `final_step`:
@@ -31,9 +32,6 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
-
-from .noise_schedules import sigma_from_alpha
-from .scheduling_gaussian import softmax_matmul
 
 
 logger = logging.getLogger(__name__)
@@ -193,7 +191,8 @@ def _progress(iterable, enabled: bool, desc: str):
 
 
 class DiffusionLMGenerationMixin:
-    """The shared sampling loop. Variant mixins provide `_sampling_init`, `_sampling_step` and `_sampling_tokens`."""
+    """The shared sampling loop (`generate`, `_sampling_loop`) over the model's `noise_process`. Variant mixins may
+    override two hooks: `_sampling_logits` (MDLM's per-sequence cache) and `_step_options` (RePlaid's sampler)."""
 
     generation_config_class = DiffusionGenerationConfig
 
@@ -346,25 +345,13 @@ class DiffusionLMGenerationMixin:
                 raise ValueError(f"streamers support batch size 1 only, got batch size {B}")
             streamer.put(canvas[:, :prompt_len].cpu())
 
-        was_training, ids_checked = self.training, getattr(self, "_token_ids_checked", False)
+        was_training = self.training
         self.eval()
-        self._token_ids_checked = True  # the loop feeds the network only ids it sampled: no per-step range check
         try:
-            state = self._sampling_init(canvas, given, mask, gen, generator)
-            ts = sampling_time_grid(gen, canvas.device)
-            trajectory = []
-            draft = canvas
-            for k in _progress(range(gen.num_steps), gen.show_progress, f"{type(self).__name__} sampling"):
-                is_last = k == gen.num_steps - 1
-                state = self._sampling_step(state, ts[k], ts[k + 1], is_last, gen, generator)
-                draft = torch.where(given, canvas, self._sampling_tokens(state))
-                if gen.output_trajectory:
-                    trajectory.append(draft)
-                if streamer is not None and hasattr(streamer, "put_draft"):
-                    streamer.put_draft(draft.cpu())
+            with self.ids_checked():  # the loop feeds the network only ids it sampled: no per-step range check
+                draft, trajectory, state = self._sampling_loop(canvas, given, mask, gen, generator, streamer)
         finally:
             self.train(was_training)
-            self._token_ids_checked = ids_checked
 
         if streamer is not None:
             streamer.put(draft[:, prompt_len:].cpu())
@@ -373,10 +360,48 @@ class DiffusionLMGenerationMixin:
             return DiffusionGenerateOutput(
                 sequences=draft,
                 trajectory=torch.stack(trajectory) if trajectory else None,
-                num_forward_passes=state.get("forward_passes", gen.num_steps),
-                num_forward_sequences=state.get("forward_sequences", gen.num_steps * B),
+                num_forward_passes=state["forward_passes"],
+                num_forward_sequences=state["forward_sequences"],
             )
         return draft
+
+
+    def _sampling_loop(self, canvas, given, mask, gen, generator, streamer):
+        """The one sampling loop: from the process's prior, one network call and one process step per time step;
+        given tokens are clamped once per step (`process.fix`). Returns (draft (B, L), trajectory, state)."""
+        process = self.noise_process
+        options = self._step_options(gen)
+        state = {"mask": mask, "forward_passes": 0, "forward_sequences": 0}
+        ts = sampling_time_grid(gen, canvas.device)
+        z = process.fix(process.prior_sample(canvas.shape, generator, canvas.device), canvas, given)
+        draft, trajectory = canvas, []
+        for k in _progress(range(gen.num_steps), gen.show_progress, f"{type(self).__name__} sampling"):
+            final = k == gen.num_steps - 1  # s = 0 exactly: a flag, not a comparison of tensors (no host sync)
+            logits = self._sampling_logits(process, z, ts[k], state, gen)  # filtered x_hat logits (B, L, V)
+            z = process.step(logits, z, ts[k], ts[k + 1], generator=generator, final=final, **options)
+            z = process.fix(z, canvas, given, ts[k + 1], generator=generator, final=final)
+            draft = process.tokens(z)
+            if gen.output_trajectory:
+                trajectory.append(draft)
+            if streamer is not None and hasattr(streamer, "put_draft"):
+                streamer.put_draft(draft.cpu())
+        return draft, trajectory, state
+
+    def _step_options(self, gen: DiffusionGenerationConfig) -> dict:
+        """The process step's sampler options (hook: RePlaid's DDIM and score temperature)."""
+        return {"greedy": gen.sampler == "greedy_tail"}
+
+    def _sampling_logits(self, process, z, t, state: dict, gen: DiffusionGenerationConfig) -> torch.Tensor:
+        """The filtered logits of x_hat at (z, t) (hook: MDLM reuses each row's logits while its z is unchanged)."""
+        return self._network_logits(process, z, t, state["mask"], state, gen)
+
+    def _network_logits(self, process, z, t, mask, state: dict, gen: DiffusionGenerationConfig) -> torch.Tensor:
+        """One network call at (z, t), counted in `state`; the process's x_hat logits (SUBS for MDLM), then
+        temperature, top-k and top-p (float32, (n, L, V))."""
+        logits = self(**process.model_inputs(z, t), attention_mask=mask).logits
+        state["forward_passes"] += 1
+        state["forward_sequences"] += logits.shape[0]
+        return filter_logits(process.denoise_logits(logits), gen.temperature, gen.top_k, gen.top_p)
 
 
 def sampling_time_grid(gen: DiffusionGenerationConfig, device=None) -> torch.Tensor:
@@ -412,29 +437,6 @@ class UniformGenerationMixin(DiffusionLMGenerationMixin):
 
     generation_config_class = UniformGenerationConfig
 
-    def _sampling_init(self, canvas, given, mask, gen, generator):
-        z = self.noise_scheduler.prior_sample(canvas.shape, generator=generator, device=canvas.device)
-        return {"z": torch.where(given, canvas, z), "canvas": canvas, "given": given, "mask": mask}
-
-    def _sampling_step(self, state, t, s, is_last, gen, generator):
-        z = state["z"]
-        B = z.shape[0]
-        # s = 0 exactly at the last step: branch on is_last, not on the tensor s (no host sync)
-        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if not is_last else torch.ones_like(t)
-        sigma = sigma_from_alpha(alpha_t).float().expand(B)
-        logits = self(input_ids=z, attention_mask=state["mask"], sigma=sigma).logits  # (B, L, V)
-        # x_hat = softmax(logits) is never written out: the mixture step needs it at z_t and on the rows it draws from
-        logits = filter_logits(logits, gen.temperature, gen.top_k, gen.top_p)
-        if is_last and gen.sampler == "greedy_tail":
-            z = logits.argmax(-1)
-        else:
-            z = self.noise_scheduler.step_from_logits(logits, z, alpha_t, alpha_s, generator=generator)
-        state["z"] = torch.where(state["given"], state["canvas"], z)
-        return state
-
-    def _sampling_tokens(self, state):
-        return state["z"]
-
 
 class SDDLMGenerationMixin(UniformGenerationMixin):
     generation_config_class = SDDLMGenerationConfig
@@ -449,48 +451,24 @@ class MDLMGenerationMixin(DiffusionLMGenerationMixin):
 
     generation_config_class = MDLMGenerationConfig
 
-    def _sampling_init(self, canvas, given, mask, gen, generator):
-        z = self.noise_scheduler.prior_sample(canvas.shape, device=canvas.device)
-        return {"z": torch.where(given, canvas, z), "canvas": canvas, "given": given, "mask": mask, "logits": None,
-                "stale": None, "forward_passes": 0, "forward_sequences": 0}
-
-    def _sampling_step(self, state, t, s, is_last, gen, generator):
-        z = state["z"]
-        sched = self.noise_scheduler
-        # s = 0 exactly at the last step: branch on is_last, not on the tensor s (no host sync)
-        alpha_t, alpha_s = self.schedule.alpha(t), self.schedule.alpha(s) if not is_last else torch.ones_like(t)
-        # Filtered logits of x_hat = softmax(logits), cached per sequence: the network ignores time, so a sequence
-        # whose z_t did not change since its last call keeps its x_hat exactly (MDLM's caching sampler, per row).
-        logits, stale = state["logits"], state["stale"]
+    def _sampling_logits(self, process, z, t, state, gen):
+        """MDLM's caching sampler, per row: without time conditioning the network's output depends on z_t only, so
+        a sequence whose z_t did not change since its last call keeps its (filtered) logits exactly, and only the
+        changed rows are recomputed (their count is one host sync per step)."""
+        logits = state.get("logits")
         if logits is None or self.config.time_conditioning or not getattr(gen, "cache_predictions", True):
-            stale = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-        rows = stale.nonzero().squeeze(-1) if logits is not None and not bool(stale.all()) else None  # (n,) or all
-        if rows is None or rows.numel():
-            ids = z if rows is None else z[rows]
-            mask = state["mask"] if state["mask"] is None or rows is None else state["mask"][rows]
-            sigma = sigma_from_alpha(alpha_t).float().expand(ids.shape[0])
-            fresh = self(input_ids=ids, attention_mask=mask, sigma=sigma).logits.float()  # (n, L, V)
-            fresh[..., sched.mask_token_id] = float("-inf")  # SUBS: never predict the mask (in place: no grad here)
-            fresh = filter_logits(fresh, gen.temperature, gen.top_k, gen.top_p)
-            if rows is None:
-                logits = fresh
-            else:
-                logits[rows] = fresh
-            state["forward_passes"] += 1
-            state["forward_sequences"] += ids.shape[0]
-            # no carry-over needed: the step only ever changes masked positions, and softmaxes only the rows it
-            # unmasks (never the whole (B, L, V))
-        if is_last and gen.sampler == "greedy_tail":
-            z_s = torch.where(z == sched.mask_token_id, logits.argmax(-1), z)
+            logits = self._network_logits(process, z, t, state["mask"], state, gen)
         else:
-            z_s = sched.step_from_logits(logits, z, alpha_t, alpha_s, generator=generator)
-        z_s = torch.where(state["given"], state["canvas"], z_s)
-        state["logits"], state["stale"] = logits, (z_s != z).any(-1)  # (B,): rows to recompute at the next step
-        state["z"] = z_s
-        return state
-
-    def _sampling_tokens(self, state):
-        return state["z"]
+            stale = (z != state["last_z"]).any(-1)  # (B,)
+            rows = stale.nonzero().squeeze(-1)  # (n,)
+            if rows.numel() == z.shape[0]:
+                logits = self._network_logits(process, z, t, state["mask"], state, gen)
+            elif rows.numel():
+                mask = None if state["mask"] is None else state["mask"][rows]
+                logits[rows] = self._network_logits(process, z[rows], t, mask, state, gen)
+        # no carry-over needed: the step only ever changes masked positions, and softmaxes only the rows it unmasks
+        state["logits"], state["last_z"] = logits, z
+        return logits
 
 
 class RePlaidGenerationMixin(DiffusionLMGenerationMixin):
@@ -498,36 +476,8 @@ class RePlaidGenerationMixin(DiffusionLMGenerationMixin):
 
     generation_config_class = RePlaidGenerationConfig
 
-    def _sampling_init(self, canvas, given, mask, gen, generator):
-        z = self.noise_scheduler.prior_sample(canvas.shape, generator=generator, device=canvas.device)
-        return {"z": z, "canvas": canvas, "given": given, "mask": mask, "self_cond": None,
-                "tokens": canvas.clone()}
-
-    def _sampling_step(self, state, t, s, is_last, gen, generator):
-        B = state["z"].shape[0]
-        t_b, s_b = t.expand(B), s.expand(B)
-        gamma_t, _ = self.noise_schedule(t_b)
-        gamma_s, _ = self.noise_schedule(s_b)
-        out = self(noisy_embeds=state["z"], t=t_b.float(), self_cond=state["self_cond"], attention_mask=state["mask"])
-        logits = filter_logits(out.logits, gen.temperature, gen.top_k, gen.top_p)
-        embeds_hat = softmax_matmul(logits, self.normalized_embeddings())  # (B, L, d_e) = softmax(logits) @ E
-        if self.config.self_conditioning:
-            state["self_cond"] = embeds_hat
-        state["tokens"] = logits.argmax(-1)
-        if not is_last:
-            z_s = self.noise_scheduler.step(
-                embeds_hat, state["z"], gamma_t, gamma_s, score_temperature=gen.score_temperature,
-                ddim=gen.sampler == "ddim", generator=generator,
-            )
-            # clamp given tokens: their latent is the forward-noised true embedding at time s
-            given_z = self.noise_scheduler.add_noise(
-                self.normalized_embeddings()[state["canvas"]], gamma_s, generator=generator
-            )
-            state["z"] = torch.where(state["given"][..., None], given_z, z_s)
-        return state
-
-    def _sampling_tokens(self, state):
-        return state["tokens"]
+    def _step_options(self, gen):
+        return {"ddim": gen.sampler == "ddim", "score_temperature": gen.score_temperature}
 
 
 class DraftStreamer(BaseStreamer):

@@ -17,6 +17,7 @@ call `model.eval()` first so that dropout is off.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_dlm import DiffusionLMConfig, DuoConfig, MDLMConfig, RePlaidConfig, SDDLMConfig
+from .functional_dlm import Noised, row_stopped_matmul
 from .generation_dlm import (
     DuoGenerationConfig,
     DuoGenerationMixin,
@@ -39,16 +41,10 @@ from .generation_dlm import (
     check_token_ids,
 )
 from .modeling_dit import DiTModel, init_dit_module
-from .noise_schedules import (
-    LearnedGammaSchedule,
-    antithetic_times,
-    gaussian_alpha_sigma,
-    get_schedule,
-    sigma_from_alpha,
-)
-from .scheduling_absorbing import AbsorbingStateScheduler
-from .scheduling_gaussian import GaussianEmbeddingScheduler, row_stopped_matmul
-from .scheduling_uniform import UniformStateScheduler
+from .noise_schedules import LearnedGammaSchedule, antithetic_times, gaussian_alpha_sigma, get_schedule
+from .scheduling_absorbing import AbsorbingStateProcess
+from .scheduling_gaussian import GaussianEmbeddingProcess
+from .scheduling_uniform import UniformStateProcess
 
 
 @dataclass
@@ -62,19 +58,6 @@ class DiffusionLMOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-@dataclass
-class NoisedBatch:
-    """One draw of a discrete forward process and the network's logits on it (`DiscreteDiffusionLM.noised_forward`):
-    z_t (B, L), `replaced` (B, L) bool (the positions the process resampled or masked), alpha_t and alpha'_t (B,),
-    logits (B, L, V)."""
-
-    z_t: torch.LongTensor
-    replaced: torch.Tensor
-    alpha: torch.Tensor
-    dalpha: torch.Tensor
-    logits: torch.Tensor
-
-
 class DiffusionLMPreTrainedModel(PreTrainedModel):
     config_class = DiffusionLMConfig
     base_model_prefix = "backbone"
@@ -85,7 +68,7 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _auto_class = "AutoModel"  # makes save_pretrained copy this folder's code next to the weights
-    _token_ids_checked = False  # set by generate/nelbo around their internal forward calls (ids already checked)
+    _token_ids_checked = False  # True inside `ids_checked()`: the entry point has range-checked the ids
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -157,7 +140,7 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
     ) -> nn.Embedding:
         """`PreTrainedModel.resize_token_embeddings`, with every vocabulary-sized part following the new size V':
         the input embeddings (RePlaid: E (V, d_e), so its output prior follows too), the output layer (weight and
-        bias), `config.vocab_size`, and the noise process (`noise_scheduler` is rebuilt from the config: uniform
+        bias), `config.vocab_size`, and the noise process (`noise_process` is built from the config: uniform
         noise and the ELBO use V'). Rows are kept or cut at the end. Added rows: with `mean_resizing=True` (default)
         transformers' mean init (embeddings and output rows near the old rows' mean, so new tokens start with an
         average logit); with `mean_resizing=False` normal(0, initializer_range) embedding rows and zero output rows
@@ -184,11 +167,16 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
                                  f"set `config.{name}` to an id below {target} first")
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         self.get_output_embeddings().zero_init = True  # a later init_weights zeroes it like the original layer
-        self.noise_scheduler = self._build_noise_process()  # uniform noise, the ELBO and the mask rule use V'
-        return embeddings
+        return embeddings  # `noise_process` is built from the config: uniform noise, the ELBO and SUBS use V'
+
+    @property
+    def noise_process(self):
+        """The variant's noise process (`functional_dlm` lists its interface): built from the config (and, for
+        RePlaid, the learned schedule and embeddings) on every access, so it follows `resize_token_embeddings`, a
+        LoRA wrapper and a deep copy without any state of its own. Building it costs microseconds."""
+        return self._build_noise_process()
 
     def _build_noise_process(self):
-        """The variant's noise process, from the config (at init and after a resize)."""
         raise NotImplementedError
 
     def _get_resized_lm_head(self, old_lm_head, new_num_tokens=None, transposed=False, mean_resizing=True):
@@ -244,6 +232,50 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         mask = attention_mask.to(per_token.dtype)
         return (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
+    @contextmanager
+    def ids_checked(self):
+        """Inside this block the forward skips its token-id range check (one host sync per call): for internal calls
+        on ids an entry point has checked, or on the process's own draws from them."""
+        previous, self._token_ids_checked = self._token_ids_checked, True
+        try:
+            yield
+        finally:
+            self._token_ids_checked = previous
+
+    def noised_forward(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        network: nn.Module | None = None,
+    ) -> Noised:
+        """z_t ~ q(z_t | x) at times t (B,) (`noise_process.add_noise`), then the network's logits on it: the one
+        "noise, then network" path that `nelbo` and the Trainers share. `network` is the module to call (the Trainer
+        passes its wrapped model, so that DDP / FSDP see the forward); None: this model. Returns the `Noised` draw
+        with `logits` (B, L, V) set."""
+        noised = self.noise_process.add_noise(input_ids, t, generator=generator)
+        network = self if network is None else network
+        with self.ids_checked():  # z_t is drawn from ids the entry point checked: no range check per training step
+            noised.logits = network(**noised.model_inputs, attention_mask=attention_mask).logits
+        return noised
+
+    def nelbo_per_token(
+        self,
+        input_ids: torch.LongTensor,
+        t: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        network: nn.Module | None = None,
+        return_noised: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, Noised]:
+        """NELBO integrand at times t (B,), per position (B, L): the process's bound at one `noised_forward` draw.
+        Training (the Trainer's default objective) and `nelbo` both compute the bound here. `return_noised`: also
+        return the `Noised` draw (the Trainer logs from it)."""
+        noised = self.noised_forward(input_ids, t, attention_mask, generator, network)
+        per_token = self.noise_process.nelbo_per_token(noised.logits, input_ids, noised)
+        return (per_token, noised) if return_noised else per_token
+
     def check_clean_ids(self, input_ids: torch.LongTensor) -> None:
         """Variant-specific checks of clean data at the entry points (`nelbo`, the Trainer's first batch and each
         evaluation batch), never inside a training step; the base class has none."""
@@ -268,15 +300,11 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         total = None
-        ids_checked = self._token_ids_checked
-        self._token_ids_checked = True  # the network only sees noised versions of the checked ids below
-        try:
+        with self.ids_checked():  # the network only sees noised versions of the checked ids below
             for _ in range(num_time_samples):
                 t = antithetic_times(input_ids.shape[0], generator=generator, device=self.device)
                 per_token = self.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
                 total = per_token if total is None else total + per_token
-        finally:
-            self._token_ids_checked = ids_checked
         return self._reduce_per_sequence(total / num_time_samples, attention_mask)
 
 
@@ -287,51 +315,7 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.backbone = DiTModel(config, init_weights=False)  # initialised by post_init below, in module order
-        self.schedule = get_schedule(config.noise_schedule, config.schedule_eps)
-        self.noise_scheduler = self._build_noise_process()
         self.post_init()
-
-    def noised_forward(
-        self,
-        input_ids: torch.LongTensor,
-        t: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        network: nn.Module | None = None,
-    ) -> NoisedBatch:
-        """z_t ~ q(z_t | x) at times t (B,), then the network's logits on z_t, conditioned on sigma = -log alpha_t: the
-        one "noise, then network" path that `nelbo` and every Trainer share. `network` is the module to call (the
-        Trainer passes its wrapped model, so that DDP / FSDP see the forward); None: this model."""
-        alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)  # (B,) each
-        z_t, replaced = self.noise_scheduler.add_noise(input_ids, alpha, generator=generator)
-        network = self if network is None else network
-        # z_t is the process's draw from ids the entry point (`nelbo`, the Trainer's first batch) checked: the forward
-        # skips its id range check here, which would cost one host sync per training step
-        ids_checked, self._token_ids_checked = self._token_ids_checked, True
-        try:
-            logits = network(input_ids=z_t, attention_mask=attention_mask, sigma=sigma_from_alpha(alpha)).logits
-        finally:
-            self._token_ids_checked = ids_checked
-        return NoisedBatch(z_t, replaced, alpha, dalpha, logits)
-
-    def nelbo_from_noised(self, input_ids: torch.LongTensor, noised: NoisedBatch) -> torch.Tensor:
-        """The process's NELBO integrand at the draw `noised`, per position (B, L), float32 (fused with the
-        softmax)."""
-        return self.noise_scheduler.nelbo_per_token_from_logits(noised.logits, input_ids, noised.z_t, noised.alpha,
-                                                                noised.dalpha)
-
-    def nelbo_per_token(
-        self,
-        input_ids: torch.LongTensor,
-        t: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        network: nn.Module | None = None,
-    ) -> torch.Tensor:
-        """NELBO integrand at times t (B,), per position (B, L), float32: `nelbo_from_noised` of one
-        `noised_forward` draw. Training and `nelbo` both compute the bound here."""
-        return self.nelbo_from_noised(input_ids,
-                                      self.noised_forward(input_ids, t, attention_mask, generator, network))
 
     def forward(
         self,
@@ -386,8 +370,9 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
 class UniformDiffusionLM(DiscreteDiffusionLM):
     """Uniform-state process (SDDLM, Duo): the network is conditioned on sigma = -log alpha_t."""
 
-    def _build_noise_process(self) -> UniformStateScheduler:
-        return UniformStateScheduler(self.config.vocab_size)
+    def _build_noise_process(self) -> UniformStateProcess:
+        return UniformStateProcess(self.config.vocab_size, get_schedule(self.config.noise_schedule,
+                                                                        self.config.schedule_eps))
 
 
 class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
@@ -413,8 +398,9 @@ class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
     config_class = MDLMConfig
     generation_config_class = MDLMGenerationConfig
 
-    def _build_noise_process(self) -> AbsorbingStateScheduler:
-        return AbsorbingStateScheduler(self.config.vocab_size, self.config.mask_token_id)
+    def _build_noise_process(self) -> AbsorbingStateProcess:
+        return AbsorbingStateProcess(self.config.vocab_size, self.config.mask_token_id,
+                                     get_schedule(self.config.noise_schedule, self.config.schedule_eps))
 
     def check_clean_ids(self, input_ids: torch.LongTensor) -> None:
         """Clean data never holds the mask token (its NELBO integrand would be undefined). One device sync."""
@@ -444,11 +430,11 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         self.self_cond_proj.zero_init = True
         self.noise_schedule = LearnedGammaSchedule(config.schedule_hidden_size, config.gamma_0, config.gamma_1)
         self.backbone = DiTModel(config, init_weights=False)  # initialised by post_init below, in module order
-        self.noise_scheduler = self._build_noise_process()
         self.post_init()
 
-    def _build_noise_process(self) -> GaussianEmbeddingScheduler:
-        return GaussianEmbeddingScheduler(self.config.embedding_dim)
+    def _build_noise_process(self) -> GaussianEmbeddingProcess:
+        return GaussianEmbeddingProcess(self.config.embedding_dim, self.noise_schedule, self.normalized_embeddings,
+                                        bool(self.config.self_conditioning))
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -557,21 +543,16 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         """The three NELBO terms per position, (B, L) each (float64): prior, reconstruction (at t = 0) and the
         continuous-time diffusion term at t (B,)."""
         B = input_ids.shape[0]
-        E = self.normalized_embeddings()
-        embeds = E[input_ids]  # (B, L, d_e)
+        process = self.noise_process
         zeros = torch.zeros(B, device=self.device)
-        gamma_0, _ = self.noise_schedule(zeros)
         gamma_1, _ = self.noise_schedule(torch.ones(B, device=self.device))
-        prior = self.noise_scheduler.prior_kl(embeds, gamma_1[:, None])
-        z_0 = self.noise_scheduler.add_noise(embeds, gamma_0, generator=generator)
-        logits_0 = self._denoise(z_0, zeros, attention_mask, self_conditioning)
+        noised_0 = process.add_noise(input_ids, zeros, generator=generator)  # z_0 at gamma_0
+        prior = process.scheduler.prior_kl(noised_0.aux["embeds"], gamma_1[:, None])
+        logits_0 = self._denoise(noised_0.z_t, zeros, attention_mask, self_conditioning)
         recon = -logits_0.float().log_softmax(-1).gather(-1, input_ids[..., None]).squeeze(-1).double()
-        gamma_t, dgamma_t = self.noise_schedule(t)
-        z_t = self.noise_scheduler.add_noise(embeds, gamma_t, generator=generator)
-        logits_t = self._denoise(z_t, t, attention_mask, self_conditioning)
-        with torch.autocast(z_t.device.type, enabled=False):  # float32: bf16 would bias ||e - e_hat||^2 near t = 0
-            embeds_hat = logits_t.float().softmax(-1) @ E
-        diffusion = self.noise_scheduler.diffusion_loss(embeds, embeds_hat, gamma_t, dgamma_t)
+        noised_t = process.add_noise(input_ids, t, generator=generator)
+        logits_t = self._denoise(noised_t.z_t, t, attention_mask, self_conditioning)
+        diffusion = process.nelbo_per_token(logits_t, input_ids, noised_t)  # the diffusion term at t
         return {"prior": prior, "reconstruction": recon, "diffusion": diffusion}
 
     def nelbo_per_token(

@@ -7,7 +7,10 @@ x_theta(z_t)[x] is only learned at masked positions. The continuous-time NELBO p
     L_t = (alpha'_t / (1 - alpha_t)) log x_theta(z_t)[x] * 1[z_t = m]     (>= 0, since alpha' < 0)
 which is 1/t times the masked cross-entropy for the log-linear schedule. Reverse step for s < t at masked positions:
     q(z_s | z_t = m, x_hat) = [(alpha_s - alpha_t) x_hat + (1 - alpha_s) e_m] / (1 - alpha_t)
-and unmasked positions stay. Pure tensor math; randomness only through `generator`.
+and unmasked positions stay. `AbsorbingStateScheduler` is that math at given alpha; `AbsorbingStateProcess` adds the
+schedule alpha(t) and is what the model holds (`model.noise_process`). The SUBS rule (no mass on the mask token) is
+one function, `drop_mask_logit`, used by the bound, the oracle's log-probabilities and the sampler. Pure tensor math;
+randomness only through `generator`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .scheduling_uniform import _as_column, sample_from_probs
+from .functional_dlm import DiscreteProcess, as_column, sample_from_probs
+
+
+def drop_mask_logit(logits: torch.Tensor, mask_token_id: int, inplace: bool = False) -> torch.Tensor:
+    """SUBS: the mask token's logit set to -inf (x_hat never predicts the mask). `inplace` writes into `logits`
+    (only where no autograd graph needs the original)."""
+    out = logits if inplace else logits.clone()
+    return out.index_fill_(-1, torch.tensor([mask_token_id], device=logits.device), float("-inf"))
 
 
 class AbsorbingStateScheduler:
@@ -32,15 +42,14 @@ class AbsorbingStateScheduler:
         self, x0: torch.Tensor, alpha_t: torch.Tensor | float, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask each token with probability 1 - alpha_t. Returns (z_t, masked)."""
-        alpha = _as_column(alpha_t, x0, torch.float32)
+        alpha = as_column(alpha_t, x0, torch.float32)
         masked = torch.rand(x0.shape, generator=generator, device=x0.device) < 1 - alpha
         return torch.where(masked, torch.full_like(x0, self.mask_token_id), x0), masked
 
     def subs_log_probs(self, logits: torch.Tensor, z_t: torch.Tensor, carry_over: bool = True) -> torch.Tensor:
         """SUBS: drop the mask logit and log-softmax in float32; with `carry_over`, unmasked positions become one-hot
         on z_t (log 1 = 0, -inf elsewhere). Losses skip the carry-over: they only read masked positions."""
-        mask_column = torch.arange(logits.shape[-1], device=logits.device) == self.mask_token_id
-        log_probs = logits.float().masked_fill(mask_column, float("-inf")).log_softmax(-1)  # (B, L, V)
+        log_probs = drop_mask_logit(logits.float(), self.mask_token_id).log_softmax(-1)  # (B, L, V)
         if not carry_over:
             return log_probs
         unmasked = (z_t != self.mask_token_id)[..., None]  # (B, L, 1)
@@ -52,8 +61,8 @@ class AbsorbingStateScheduler:
         self, x_hat: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor | float, alpha_s: torch.Tensor | float
     ) -> torch.Tensor:
         """Dense q(z_s | z_t, x_hat), (B, L, V); for tests."""
-        a_t = _as_column(alpha_t, z_t, x_hat.dtype)[..., None]
-        a_s = _as_column(alpha_s, z_t, x_hat.dtype)[..., None]
+        a_t = as_column(alpha_t, z_t, x_hat.dtype)[..., None]
+        a_s = as_column(alpha_s, z_t, x_hat.dtype)[..., None]
         masked = (z_t == self.mask_token_id)[..., None]
         onehot_m = torch.zeros_like(x_hat)
         onehot_m[..., self.mask_token_id] = 1
@@ -85,8 +94,8 @@ class AbsorbingStateScheduler:
         return self._unmask_step(lambda rows: logits[rows].softmax(-1), z_t, alpha_t, alpha_s, generator)
 
     def _unmask_step(self, x_hat_rows, z_t, alpha_t, alpha_s, generator) -> torch.Tensor:
-        a_t = _as_column(alpha_t, z_t, torch.float64)
-        a_s = _as_column(alpha_s, z_t, torch.float64)
+        a_t = as_column(alpha_t, z_t, torch.float64)
+        a_s = as_column(alpha_s, z_t, torch.float64)
         p_unmask = ((a_s - a_t) / (1 - a_t)).expand(z_t.shape)  # (B, L)
         masked = z_t == self.mask_token_id
         u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
@@ -100,7 +109,7 @@ class AbsorbingStateScheduler:
     @staticmethod
     def nelbo_weight(alpha_t, dalpha_t, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """alpha'_t / (1 - alpha_t) (<= 0), broadcastable against (B, L) `like`."""
-        return _as_column(dalpha_t, like, dtype) / (1 - _as_column(alpha_t, like, dtype)).clamp(min=1e-12)
+        return as_column(dalpha_t, like, dtype) / (1 - as_column(alpha_t, like, dtype)).clamp(min=1e-12)
 
     def nelbo_per_token_from_logits(
         self,
@@ -118,7 +127,7 @@ class AbsorbingStateScheduler:
         B, L, V = logits.shape
         rows = (z_t == self.mask_token_id).reshape(-1).nonzero().squeeze(-1)  # (N,)
         picked = logits.reshape(-1, V).index_select(0, rows).to(dtype)  # (N, V), a fresh tensor
-        picked.index_fill_(-1, torch.tensor([self.mask_token_id], device=logits.device), float("-inf"))  # SUBS
+        picked = drop_mask_logit(picked, self.mask_token_id, inplace=True)  # SUBS
         log_p_x = -F.cross_entropy(picked, x0.reshape(-1).index_select(0, rows), reduction="none")  # (N,)
         weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype).expand(B, L).reshape(-1).index_select(0, rows)
         out = torch.zeros(B * L, dtype=dtype, device=logits.device)
@@ -139,3 +148,25 @@ class AbsorbingStateScheduler:
         log_p_x = torch.where(masked, log_p_x, torch.zeros_like(log_p_x))  # avoids 0 * -inf at carried positions
         weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype)
         return torch.where(masked, weight * log_p_x, torch.zeros_like(log_p_x))
+
+
+class AbsorbingStateProcess(DiscreteProcess):
+    """The absorbing (masked) process of MDLM as one object: the schedule alpha(t) and `AbsorbingStateScheduler`'s
+    math behind the shared process interface, with SUBS (`denoise_logits`) and the carry-over rule of the greedy
+    tail (only masked positions are decoded)."""
+
+    def __init__(self, vocab_size: int, mask_token_id: int, schedule):
+        super().__init__(AbsorbingStateScheduler(vocab_size, mask_token_id), schedule)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.scheduler.mask_token_id
+
+    def denoise_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """SUBS on the network's logits, float32 (in place on a float32 output: sampling runs without autograd)."""
+        logits = logits.float()
+        return drop_mask_logit(logits, self.mask_token_id, inplace=not torch.is_grad_enabled())
+
+    def greedy(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Argmax of x_hat at the masked positions; unmasked ones are carried over."""
+        return torch.where(z == self.mask_token_id, logits.argmax(-1), z)

@@ -11,59 +11,19 @@ NELBO per token in nats (VDM continuous time):
 Reverse step s < t (VDM App. A.4, eq. 33), with c = -expm1(gamma_s - gamma_t) = 1 - SNR_t / SNR_s:
     z_s = (1 - c)(alpha_s / alpha_t) z_t + c alpha_s e_hat + sqrt(c (1 - alpha_s^2)) xi
 and DDIM: z_s = alpha_s e_hat + sigma_s eps_hat. Schedule and step math run in float64.
+`GaussianEmbeddingScheduler` is that math at given gamma; `GaussianEmbeddingProcess` adds the model's learned gamma(t)
+and its embeddings and is what the model hands out (`model.noise_process`), with the sampler's state a
+`GaussianLatent` (the latent, its argmax decode and e_hat, the next call's self-conditioning input).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from .functional_dlm import Noised, softmax_matmul
 from .noise_schedules import gaussian_alpha_sigma
-from .scheduling_uniform import _row_chunks
-
-
-class _RowStoppedMatmul(torch.autograd.Function):
-    """a @ w, where the leading-dim rows of `a` with keep = 0 send no gradient to w (they still get their own)."""
-
-    @staticmethod
-    def forward(ctx, a, w, keep):
-        ctx.save_for_backward(a, w, keep)
-        return a @ w
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, w, keep = ctx.saved_tensors
-        grad_a = grad @ w.T if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            shape = (-1,) + (1,) * (a.dim() - 1)
-            # mask whichever of `a` and `grad` is smaller (the other one may be a (B, L, V) tensor)
-            if a.shape[-1] <= grad.shape[-1]:
-                a = a * keep.to(a.dtype).view(shape)
-            else:
-                grad = grad * keep.to(grad.dtype).view(shape)
-            grad_w = a.reshape(-1, a.shape[-1]).T @ grad.reshape(-1, grad.shape[-1])
-        return grad_a, grad_w, None
-
-
-def row_stopped_matmul(a: torch.Tensor, w: torch.Tensor, stop: torch.Tensor | None) -> torch.Tensor:
-    """`a @ w` for a (B, ..., K) and w (K, N), with the gradient to `w` from the rows where `stop` (B,) is True cut
-    (methods.md §C.3: self-conditioning entries train the network only). One matmul forward, two backward, instead
-    of computing the product twice (with and without `w.detach()`) and selecting rows."""
-    if stop is None or not bool(stop.any()):
-        return a @ w
-    return _RowStoppedMatmul.apply(a, w, (~stop.to(a.device)).to(a.dtype))
-
-
-def softmax_matmul(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """softmax(logits, -1) @ weight for logits (..., V) and weight (V, d), without writing the (..., V) softmax on CPU:
-    the rows go through in cache-sized chunks (one chunk on accelerators). No autograd (sampling only)."""
-    V = logits.shape[-1]
-    flat = logits.reshape(-1, V)
-    out = torch.empty(flat.shape[0], weight.shape[-1], dtype=weight.dtype, device=logits.device)
-    starts, step = _row_chunks(flat.shape[0], V, logits.device)
-    for i in starts:
-        torch.matmul(torch.softmax(flat[i:i + step], dim=-1).to(weight.dtype), weight, out=out[i:i + step])
-    return out.view(*logits.shape[:-1], weight.shape[-1])
 
 
 class GaussianEmbeddingScheduler:
@@ -139,3 +99,83 @@ class GaussianEmbeddingScheduler:
         c = self._col(-torch.expm1(gamma_s.double() - gamma_t.double()), nd)
         mean = (1 - c) * (a_s / a_t) * z_t.double() + c * a_s * embeds.double()
         return mean, c * (1 - a_s**2)
+
+
+@dataclass
+class GaussianLatent:
+    """The Gaussian sampler's state: z (B, L, d_e) float32; tokens (B, L), the argmax decode of the last x_hat (None
+    before the first step); embeds_hat (B, L, d_e), e_hat = x_hat E of the last step (the self-conditioning input)."""
+
+    z: torch.Tensor
+    tokens: torch.Tensor | None = None
+    embeds_hat: torch.Tensor | None = None
+
+
+class GaussianEmbeddingProcess:
+    """RePlaid's process as one object, behind the interface of `functional_dlm` (see its docstring). It owns its
+    time parameterisation through references to the model's parts: `schedule`, the learned gamma(t) module
+    (t (B,) -> (gamma, gamma'), float64), and `embeddings`, a callable returning the unit-norm E (V, d_e). The model
+    builds it on every `model.noise_process` access, so it always sees the current (resized, LoRA-wrapped) parts."""
+
+    def __init__(self, embedding_dim: int, schedule, embeddings, self_conditioning: bool = True):
+        self.scheduler = GaussianEmbeddingScheduler(embedding_dim)
+        self.schedule = schedule
+        self.embeddings = embeddings
+        self.self_conditioning = self_conditioning
+
+    def prior_sample(self, shape: tuple[int, ...], generator=None, device=None) -> GaussianLatent:
+        return GaussianLatent(self.scheduler.prior_sample(shape, generator=generator, device=device))
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
+        """z_t = alpha_t E[x0] + sigma_t eps at times t (B,); the network's inputs carry no self-conditioning."""
+        gamma, dgamma = self.schedule(t)  # (B,) float64 each
+        embeds = self.embeddings()[x0]  # (B, L, d_e)
+        z_t = self.scheduler.add_noise(embeds, gamma, generator=generator)
+        return Noised(z_t, {"noisy_embeds": z_t, "t": t}, {"gamma": gamma, "dgamma": dgamma, "embeds": embeds})
+
+    def model_inputs(self, z: GaussianLatent, t: torch.Tensor) -> dict:
+        """Latent, time (B,) float32 and, with self-conditioning, the previous step's e_hat."""
+        B = z.z.shape[0]
+        return {"noisy_embeds": z.z, "t": t.expand(B).float(),
+                "self_cond": z.embeds_hat if self.self_conditioning else None}
+
+    def nelbo_per_token(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """The continuous-time diffusion term at the draw, (B, L) float64 (the model's bound adds the prior and the
+        reconstruction terms, which need their own network call at t = 0)."""
+        with torch.autocast(logits.device.type, enabled=False):  # float32: bf16 would bias ||e - e_hat||^2 at t ~ 0
+            embeds_hat = logits.float().softmax(-1) @ self.embeddings()
+        return self.scheduler.diffusion_loss(noised.aux["embeds"], embeds_hat, noised.aux["gamma"],
+                                             noised.aux["dgamma"])
+
+    def denoise_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def step(self, logits: torch.Tensor, z: GaussianLatent, t: torch.Tensor, s: torch.Tensor, *,
+             generator: torch.Generator | None = None, final: bool = False, greedy: bool = False,
+             ddim: bool = False, score_temperature: float = 1.0) -> GaussianLatent:
+        """e_hat = softmax(logits) E and the argmax decode; then (except at the last step, which only decodes) the
+        VDM ancestral (or DDIM) step z_t -> z_s. `greedy` changes nothing: the decode is always the argmax."""
+        embeds_hat = softmax_matmul(logits, self.embeddings())  # (B, L, d_e), no (B, L, V) softmax written
+        tokens = logits.argmax(-1)
+        if final:
+            return GaussianLatent(z.z, tokens, embeds_hat)
+        B = z.z.shape[0]
+        gamma_t, _ = self.schedule(t.expand(B))
+        gamma_s, _ = self.schedule(s.expand(B))
+        z_s = self.scheduler.step(embeds_hat, z.z, gamma_t, gamma_s, score_temperature=score_temperature, ddim=ddim,
+                                  generator=generator)
+        return GaussianLatent(z_s, tokens, embeds_hat)
+
+    def fix(self, z: GaussianLatent, x0: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor | None = None, *,
+            generator: torch.Generator | None = None, final: bool = False) -> GaussianLatent:
+        """Given tokens: their decode is x0, and (after every step but the last; not at the prior, t=None) their latent
+        is the forward-noised true embedding at time t."""
+        tokens = None if z.tokens is None else torch.where(fixed, x0, z.tokens)
+        if t is None or final:
+            return GaussianLatent(z.z, tokens, z.embeds_hat)
+        gamma, _ = self.schedule(t.expand(x0.shape[0]))
+        given = self.scheduler.add_noise(self.embeddings()[x0], gamma, generator=generator)
+        return GaussianLatent(torch.where(fixed[..., None], given, z.z), tokens, z.embeds_hat)
+
+    def tokens(self, z: GaussianLatent) -> torch.Tensor:
+        return z.tokens

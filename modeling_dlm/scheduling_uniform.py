@@ -12,54 +12,16 @@ It is a three-part mixture (copy z_t | draw from x_hat | draw uniformly), which 
 a (B, L, V) posterior: the component weights are per-position scalars (computed in float64), and only positions
 that pick x_hat need a categorical draw (inverse CDF on those rows).
 
-Everything here is pure tensor math: no parameters, no model calls; randomness only through `generator`.
+`UniformStateScheduler` is that math at given alpha (the oracle tests call it directly); `UniformStateProcess` adds
+the schedule alpha(t) and is what a model holds (`model.noise_process`). Everything here is pure tensor math: no
+parameters, no model calls; randomness only through `generator`.
 """
 
 from __future__ import annotations
 
 import torch
 
-
-def _as_column(value: torch.Tensor | float, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Broadcast a scalar or (B,) tensor against (B, L)."""
-    value = torch.as_tensor(value, dtype=dtype, device=like.device)
-    return value.reshape(-1, 1) if value.dim() == 1 else value
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The token k with cdf[k-1] <= u * total < cdf[k] in each row of `probs` (N, V) (non-negative, need not be
-    normalised, total > 0), for u (N,) in [0, 1); returns (N,) ids (u (N, m): m draws per row, ids (N, m)). The CDF
-    is a float64 running sum (each float32 probability is exact in float64, the sum exact to ~V * 2^-53 relative),
-    so every token's share of [0, total) is its probability to float64 precision. The search is strict
-    (`right=True`: the first k with cdf[k] > u * total), so a token of probability 0 (cdf[k] == cdf[k-1]) is never
-    returned, u = 0 included. u * total < total for every float64 u < 1 (round to nearest); should a target still
-    reach the total, it goes to the last token of positive probability, not to V - 1.
-    The float64 CDF is built a block of rows at a time in one reused buffer (cache-sized on CPU, where this is faster
-    than a float32 CDF of all rows; at most `_DRAW_CHUNK_ELEMENTS` on accelerators), never for all N rows at once."""
-    N, V = probs.shape
-    shape = u.shape
-    u = u.to(device=probs.device, dtype=torch.float64).reshape(N, u.numel() // max(N, 1))  # (N, m)
-    budget = _CHUNK_ELEMENTS if probs.device.type == "cpu" else _DRAW_CHUNK_ELEMENTS
-    step = max(1, budget // V)
-    ids = torch.empty(u.shape, dtype=torch.long, device=probs.device)
-    buffer = torch.empty(min(step, N), V, dtype=torch.float64, device=probs.device)
-    for start in range(0, N, step):
-        rows = slice(start, start + step)
-        block = probs[rows]
-        cdf = buffer[: block.shape[0]].copy_(block).cumsum_(-1)  # (n, V) float64
-        total = cdf[:, -1:].contiguous()
-        k = torch.searchsorted(cdf, u[rows] * total, right=True)  # first k with cdf[k] > u * total
-        last = torch.searchsorted(cdf, total)  # first k with cdf[k] >= total: the last token of positive probability
-        ids[rows] = torch.where(k < V, k, last)
-    return ids.view(shape)
-
-
-def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Inverse-CDF categorical draw from the rows of `probs` (N, V) (need not be normalised); returns (N,) ids.
-    Exact to float64 precision: one float64 uniform per row (53 random bits, multiples of 2^-53 in [0, 1)) into a
-    float64 CDF (`_inverse_cdf`); a token of probability 0 is never drawn (top-k / top-p filtered entries)."""
-    u = torch.rand(probs.shape[0], generator=generator, device=probs.device, dtype=torch.float64)
-    return _inverse_cdf(probs, u)
+from .functional_dlm import DiscreteProcess, as_column, row_chunks, sample_from_probs, softmax_gather
 
 
 def _mixture_components(u: torch.Tensor, w_copy: torch.Tensor, w_x_hat: torch.Tensor, w_uniform: torch.Tensor):
@@ -91,7 +53,7 @@ class UniformStateScheduler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample z_t ~ q(z_t | x0). Returns (z_t, resampled) where `resampled` marks positions drawn from the uniform
         prior (a resampled token equals x0 with probability 1 / V). x0 is (B, L); alpha_t a scalar or (B,)."""
-        alpha = _as_column(alpha_t, x0, torch.float32)
+        alpha = as_column(alpha_t, x0, torch.float32)
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
         resampled = u < 1 - alpha  # (B, L)
         noise = torch.randint(0, self.vocab_size, x0.shape, generator=generator, device=x0.device)
@@ -104,8 +66,8 @@ class UniformStateScheduler:
         """Dense q(z_s | z_t, x_hat) of shape (B, L, V), in x_hat's dtype. For tests and small vocabularies; sampling
         uses the mixture form in `step`."""
         V = self.vocab_size
-        a_t = _as_column(alpha_t, z_t, x_hat.dtype)[..., None]  # (B, 1, 1) or scalar
-        a_s = _as_column(alpha_s, z_t, x_hat.dtype)[..., None]
+        a_t = as_column(alpha_t, z_t, x_hat.dtype)[..., None]  # (B, 1, 1) or scalar
+        a_s = as_column(alpha_s, z_t, x_hat.dtype)[..., None]
         a_ts = a_t / a_s
         onehot = torch.nn.functional.one_hot(z_t, V).to(x_hat.dtype)  # (B, L, V)
         x_hat_z = (x_hat * onehot).sum(-1, keepdim=True)  # (B, L, 1)
@@ -117,8 +79,8 @@ class UniformStateScheduler:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Float64 weights (copy z_t, draw from x_hat, draw uniformly) of the posterior mixture; they sum to
         Z = V alpha_t x_hat[z_t] + 1 - alpha_t. x_hat_z is (B, L)."""
-        a_t = _as_column(alpha_t, x_hat_z, torch.float64)
-        a_s = _as_column(alpha_s, x_hat_z, torch.float64)
+        a_t = as_column(alpha_t, x_hat_z, torch.float64)
+        a_s = as_column(alpha_s, x_hat_z, torch.float64)
         a_ts = a_t / a_s
         w_copy = self.vocab_size * a_t * x_hat_z.double() + (a_ts - a_t)
         w_x_hat = (a_s - a_t).expand_as(w_copy)
@@ -195,8 +157,8 @@ class UniformStateScheduler:
     @staticmethod
     def _elbo_scalars(alpha_t, dalpha_t, x0, dtype):
         """(alpha, alpha', 1 - alpha) as (B, 1) columns in `dtype`; the clamps keep t = 0 and t = 1 finite."""
-        alpha = _as_column(alpha_t, x0, dtype).clamp(min=1e-12)
-        return alpha, _as_column(dalpha_t, x0, dtype), (1 - alpha).clamp(min=1e-20)
+        alpha = as_column(alpha_t, x0, dtype).clamp(min=1e-12)
+        return alpha, as_column(dalpha_t, x0, dtype), (1 - alpha).clamp(min=1e-20)
 
     def _nelbo_from_terms(self, S, log_p_z, log_p_x, x0, z_t, alpha, dalpha, one_minus):
         """The closed form of `nelbo_per_token` from S = sum_j log xbar_theta[j], log x_theta[z_t] and
@@ -260,8 +222,8 @@ class UniformStateScheduler:
         """The same integrand from the generic O(V) formula (UDLM `diffusion.py`), in x_theta's dtype. Reference for
         tests; materialises several (B, L, V) tensors."""
         V = self.vocab_size
-        alpha = _as_column(alpha_t, x0, x_theta.dtype)[..., None]  # (B, 1, 1)
-        dalpha = _as_column(dalpha_t, x0, x_theta.dtype)
+        alpha = as_column(alpha_t, x0, x_theta.dtype)[..., None]  # (B, 1, 1)
+        dalpha = as_column(dalpha_t, x0, x_theta.dtype)
         onehot = torch.nn.functional.one_hot(x0, V).to(x_theta.dtype)
         xbar = V * alpha * onehot + (1 - alpha)  # (B, L, V)
         xbar_theta = V * alpha * x_theta + (1 - alpha)
@@ -273,6 +235,14 @@ class UniformStateScheduler:
         return dalpha / (V * alpha.squeeze(-1)) * inner
 
 
+class UniformStateProcess(DiscreteProcess):
+    """The uniform-state process (SDDLM, Duo) as one object: the schedule alpha(t) and `UniformStateScheduler`'s
+    math behind the shared process interface (`functional_dlm.DiscreteProcess`)."""
+
+    def __init__(self, vocab_size: int, schedule):
+        super().__init__(UniformStateScheduler(vocab_size), schedule)
+
+
 def softmax_log_affine_terms(
     logits: torch.Tensor, z_t: torch.Tensor, x0: torch.Tensor, scale: torch.Tensor, floor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,30 +250,6 @@ def softmax_log_affine_terms(
     S = sum_j log(scale p_j + floor), as ONE autograd node that keeps no (B, L, V) tensor besides the logits.
     The uniform ELBO uses scale = V alpha_t, floor = 1 - alpha_t; SDDLM's mean regulariser scale = 1, floor = eps."""
     return _UniformELBOTerms.apply(logits, z_t, x0, scale, floor)
-
-
-_CHUNK_ELEMENTS = 1 << 19  # CPU: rows per chunk so that one chunk's temporaries (~2 MB in float32) stay in cache
-_DRAW_CHUNK_ELEMENTS = 1 << 25  # accelerators: the float64 CDF of `_inverse_cdf` holds at most this many (256 MB)
-
-
-def _row_chunks(num_rows: int, vocab_size: int, device: torch.device) -> tuple[range, int]:
-    """Starts of the row chunks the fused node works through: cache-sized on CPU (about twice as fast as whole
-    (B, L, V) passes at V = 50k), a single chunk on accelerators (one kernel per op)."""
-    step = max(1, _CHUNK_ELEMENTS // vocab_size) if device.type == "cpu" else max(1, num_rows)
-    return range(0, num_rows, step), step
-
-
-def softmax_gather(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """softmax(logits, -1).gather(-1, index[..., None]).squeeze(-1) for logits (..., V) and index (...), in the logits'
-    dtype, without writing the softmax: the rows go through in cache-sized chunks on CPU (one chunk on accelerators),
-    so only a (chunk, V) temporary exists. The values are those of the full softmax (it is computed row by row)."""
-    V = logits.shape[-1]
-    flat, idx = logits.reshape(-1, V), index.reshape(-1, 1)
-    out = torch.empty(flat.shape[0], dtype=logits.dtype, device=logits.device)
-    starts, step = _row_chunks(flat.shape[0], V, logits.device)
-    for i in starts:
-        out[i:i + step] = torch.softmax(flat[i:i + step], dim=-1).gather(-1, idx[i:i + step]).squeeze(-1)
-    return out.view(index.shape)
 
 
 class _UniformELBOTerms(torch.autograd.Function):
@@ -326,7 +272,7 @@ class _UniformELBOTerms(torch.autograd.Function):
         c, b = scale.reshape(K, -1, 1), floor.reshape(K, -1, 1)
         S = torch.empty(K, flat.shape[0], dtype=dtype, device=logits.device)
         lse = torch.empty(flat.shape[0], dtype=dtype, device=logits.device)
-        starts, step = _row_chunks(flat.shape[0], V, logits.device)
+        starts, step = row_chunks(flat.shape[0], V, logits.device)
         for i in starts:
             rows = slice(i, i + step)
             x = flat[rows].to(dtype)  # (n, V)
@@ -351,7 +297,7 @@ class _UniformELBOTerms(torch.autograd.Function):
         g_S = grad_S.reshape(K, -1, 1)
         g_direct = (grad_z + grad_x).reshape(-1, 1)
         grad = torch.empty(flat.shape, dtype=scale.dtype, device=logits.device)
-        starts, step = _row_chunks(flat.shape[0], V, logits.device)
+        starts, step = row_chunks(flat.shape[0], V, logits.device)
         for i in starts:
             rows = slice(i, i + step)
             p = torch.softmax(flat[rows].to(scale.dtype), dim=-1)  # (n, V)

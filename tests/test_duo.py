@@ -198,7 +198,7 @@ def test_curriculum_loss_is_the_elbo_at_the_gaussian_argmax():
     z_t = w.argmax(-1)
     logits = model(input_ids=z_t, sigma=-torch.log(alpha).float()).logits
     dalpha = (dalpha_dgamma * (cfg.gamma_max - cfg.gamma_min)).float()
-    expected = model.noise_scheduler.nelbo_per_token_from_logits(logits, x, z_t, alpha.float(), dalpha).mean()
+    expected = model.noise_process.scheduler.nelbo_per_token_from_logits(logits, x, z_t, alpha.float(), dalpha).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
     assert stats["curriculum"].item() == 1.0
 

@@ -60,9 +60,9 @@ def test_resize_token_embeddings_follows_everywhere(variant, new_vocab, tmp_path
     torch.testing.assert_close(head.weight[:n], old_w[:n], rtol=0, atol=0)
     torch.testing.assert_close(head.bias[:n], old_b[:n], rtol=0, atol=0)
     if variant != "replaid":
-        assert model.noise_scheduler.vocab_size == new_vocab
+        assert model.noise_process.vocab_size == new_vocab
     if variant == "mdlm":
-        assert model.config.mask_token_id == mask_id == model.noise_scheduler.mask_token_id  # kept, never moved
+        assert model.config.mask_token_id == mask_id == model.noise_process.mask_token_id  # kept, never moved
 
     ids = clean_ids(variant, new_vocab)
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_resize_token_embeddings_follows_everywhere(variant, new_vocab, tmp_path
     reloaded = VARIANTS[variant][1].from_pretrained(tmp_path).eval()
     assert reloaded.config.vocab_size == new_vocab
     if variant != "replaid":
-        assert reloaded.noise_scheduler.vocab_size == new_vocab
+        assert reloaded.noise_process.vocab_size == new_vocab
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, **time_kwargs(variant)).logits, logits, rtol=0, atol=0)
 
@@ -89,8 +89,9 @@ def test_resized_uniform_noise_draws_the_new_ids(variant):
     model = tiny_model(variant)
     model.resize_token_embeddings(VOCAB + 10)
     x0 = torch.zeros(64, 64, dtype=torch.long)
-    z, resampled = model.noise_scheduler.add_noise(x0, torch.tensor(0.0), generator=gen(0))  # alpha = 0: all noise
-    prior = model.noise_scheduler.prior_sample((64, 64), generator=gen(1))
+    scheduler = model.noise_process.scheduler
+    z, resampled = scheduler.add_noise(x0, torch.tensor(0.0), generator=gen(0))  # alpha = 0: all noise
+    prior = model.noise_process.prior_sample((64, 64), generator=gen(1))
     for draws in (z[resampled], prior.flatten()):
         assert int(draws.max()) == VOCAB + 9  # ids >= the old vocabulary are drawn, up to the new V - 1
         assert (draws >= VOCAB).float().mean().item() == pytest.approx(10 / (VOCAB + 10), abs=0.02)
@@ -104,7 +105,7 @@ def test_resize_mdlm_mask_id_rule():
         model.resize_token_embeddings(VOCAB - 1)  # would cut the mask token
     assert model.config.vocab_size == VOCAB and torch.equal(model.get_input_embeddings().weight, embed)  # unchanged
     model.resize_token_embeddings(VOCAB + 5)  # added tokens come after the mask token
-    assert model.config.mask_token_id == VOCAB - 1 and model.noise_scheduler.vocab_size == VOCAB + 5
+    assert model.config.mask_token_id == VOCAB - 1 and model.noise_process.vocab_size == VOCAB + 5
     with torch.no_grad():
         sample = model.generate(batch_size=2, max_new_tokens=SEQ, num_steps=4, generator=gen(0))
     assert not (sample == VOCAB - 1).any()  # the mask never survives sampling
@@ -113,7 +114,7 @@ def test_resize_mdlm_mask_id_rule():
 def test_resize_pad_to_multiple_of_and_mean_resizing_off():
     model = tiny_model("duo")
     model.resize_token_embeddings(65, pad_to_multiple_of=8)
-    assert model.config.vocab_size == 72 == model.noise_scheduler.vocab_size
+    assert model.config.vocab_size == 72 == model.noise_process.vocab_size
     assert model.get_output_embeddings().weight.shape == (72, model.config.hidden_size)
     model.resize_token_embeddings(pad_to_multiple_of=16)  # pad the current size
     assert model.config.vocab_size == 80 == model.get_input_embeddings().weight.shape[0]

@@ -622,7 +622,8 @@ def test_greedy_tail_last_step_is_argmax(batch):
     out = model.generate(batch_size=BATCH, max_new_tokens=SEQ, num_steps=1, sampler="greedy_tail", generator=gen(4))
     z_1 = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen(4))
     with torch.no_grad():
-        sigma = (-torch.log(model.schedule.alpha(torch.tensor(1.0, dtype=torch.float64)))).float().expand(BATCH)
+        alpha_1 = model.noise_process.schedule.alpha(torch.tensor(1.0, dtype=torch.float64))
+        sigma = (-torch.log(alpha_1)).float().expand(BATCH)
         expected = model(input_ids=z_1, sigma=sigma).logits.argmax(-1)
     assert torch.equal(out, expected)
 
@@ -956,8 +957,8 @@ def test_sddlm_plugs_the_raw_softmax_into_the_elbo_and_refuses_the_old_bayes_den
     with torch.no_grad():
         noised = model.noised_forward(x, t, generator=torch.Generator().manual_seed(4))
         fused = model.nelbo_per_token(x, t, generator=torch.Generator().manual_seed(4))
-        plain = model.noise_scheduler.nelbo_per_token(noised.logits.log_softmax(-1), x, noised.z_t, noised.alpha,
-                                                      noised.dalpha)  # the raw softmax, unfused
+        plain = model.noise_process.scheduler.nelbo_per_token(noised.logits.log_softmax(-1), x, noised.z_t,
+                                                              noised.aux["alpha"], noised.aux["dalpha"])  # unfused
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -1020,14 +1021,14 @@ def test_noise_removal_is_the_reference_loop(batch):
     out = model.generate(batch_size=B, max_new_tokens=L, num_steps=S + 1, sampler="greedy_tail",
                          final_step="noise_removal", generator=gen(3))
     g = gen(3)
-    sched = model.noise_scheduler
+    sched, schedule = model.noise_process.scheduler, model.noise_process.schedule
     z = sched.prior_sample((B, L), generator=g, device=torch.device("cpu"))
     ts = torch.linspace(1.0, 1e-5, S + 1, dtype=torch.float64)
     with torch.no_grad():
         for k in range(S):
-            alpha_t, alpha_s = model.schedule.alpha(ts[k]), model.schedule.alpha(ts[k + 1])
+            alpha_t, alpha_s = schedule.alpha(ts[k]), schedule.alpha(ts[k + 1])
             logits = model(input_ids=z, sigma=(-torch.log(alpha_t)).float().expand(B)).logits
             z = sched.step_from_logits(logits, z, alpha_t, alpha_s, generator=g)
-        alpha = model.schedule.alpha(ts[-1])
+        alpha = schedule.alpha(ts[-1])
         z = model(input_ids=z, sigma=(-torch.log(alpha)).float().expand(B)).logits.argmax(-1)
     assert torch.equal(out, z)

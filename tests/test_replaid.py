@@ -210,15 +210,14 @@ def test_trainer_plans_use_the_global_batch_and_fall_back_for_one_entry(tmp_path
     n_rec = trainer.split.num_reconstruction(6)
     recon = []
     for micro in range(2):
-        t = trainer.sample_times(3, "cpu", gen(3), micro)
-        plan = trainer._pending_plan
-        assert plan.t is t and plan.num_reconstruction == n_rec
+        plan = trainer.batch_plan(3, "cpu", gen(3), micro)
+        assert plan.t.shape == (3,) and plan.num_reconstruction == n_rec
         recon.append(plan.reconstruction)
     assert int(torch.cat(recon).sum()) == n_rec
     single = RePlaidTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=1))
-    single.sample_times(1, "cpu", gen(3), 0)
-    assert single._pending_plan.reconstruction is None  # all three terms on the one entry
-    loss, stats = single.diffusion_loss(model, model, ids(1), None, single._pending_plan.t, gen(4))
+    plan = single.batch_plan(1, "cpu", gen(3), 0)
+    assert plan.reconstruction is None  # all three terms on the one entry
+    loss, stats = single.diffusion_loss(model, model, ids(1), None, plan, gen(4))
     assert math.isfinite(loss.item()) and stats["reconstruction"] > 0 and stats["diffusion"] > 0
 
 
@@ -442,7 +441,7 @@ def test_trainer_lowers_the_loss_on_real_text_and_resumes_exactly(tmp_path, shak
 @pytest.mark.parametrize("shape", [(4, 3, 5, 7), (4, 3, 7, 5)])  # (B, L, K, N): a narrower or wider than w
 def test_row_stopped_matmul_matches_two_products(shape):
     """`row_stopped_matmul` = where(stop, a @ w.detach(), a @ w): the same value and gradients, one product."""
-    from modeling_dlm.scheduling_gaussian import row_stopped_matmul
+    from modeling_dlm.functional_dlm import row_stopped_matmul
 
     B, L, K, N = shape
     g = torch.Generator().manual_seed(0)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from modeling_dlm.functional_dlm import inverse_cdf, sample_from_probs
 from modeling_dlm.noise_schedules import (
     CosineSchedule,
     LearnedGammaSchedule,
@@ -30,7 +31,7 @@ from modeling_dlm.noise_schedules import (
 )
 from modeling_dlm.scheduling_absorbing import AbsorbingStateScheduler
 from modeling_dlm.scheduling_gaussian import GaussianEmbeddingScheduler
-from modeling_dlm.scheduling_uniform import UniformStateScheduler, sample_from_probs
+from modeling_dlm.scheduling_uniform import UniformStateScheduler
 
 from .conftest import gen
 
@@ -741,6 +742,7 @@ def test_gaussian_ddim_step_is_deterministic_trajectory():
 def test_fused_uniform_terms_in_several_row_chunks(monkeypatch):
     """The CPU path of the fused node works through cache-sized row chunks: with chunks of 4 rows (the last one
     partial) it gives the whole-tensor values and gradients."""
+    import modeling_dlm.functional_dlm as fd
     import modeling_dlm.scheduling_uniform as su
 
     V, B, L = 37, 3, 5
@@ -756,8 +758,8 @@ def test_fused_uniform_terms_in_several_row_chunks(monkeypatch):
         return [o.detach() for o in outs] + [grad]
 
     whole = run()
-    monkeypatch.setattr(su, "_CHUNK_ELEMENTS", 4 * V)
-    assert su._row_chunks(B * L, V, logits.device)[1] == 4
+    monkeypatch.setattr(fd, "_CHUNK_ELEMENTS", 4 * V)
+    assert fd.row_chunks(B * L, V, logits.device)[1] == 4
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     p = logits.detach().softmax(-1)
@@ -771,20 +773,19 @@ def test_steps_from_logits_equal_steps_from_softmax(monkeypatch, chunk_rows, dty
     from the full softmax (same generator state -> same z_s), for the uniform mixture and for MDLM's unmasking,
     also when the row-chunked softmax runs in several chunks (the last one partial); `softmax_gather` and
     `softmax_matmul` must give the full-softmax values."""
-    import modeling_dlm.scheduling_gaussian as sg
-    import modeling_dlm.scheduling_uniform as su
+    import modeling_dlm.functional_dlm as fd
 
     V, B, L = 29, 4, 7
     if chunk_rows:
-        monkeypatch.setattr(su, "_CHUNK_ELEMENTS", chunk_rows * V)
+        monkeypatch.setattr(fd, "_CHUNK_ELEMENTS", chunk_rows * V)
     g = gen(5)
     logits = 4 * torch.randn(B, L, V, generator=g, dtype=dtype)
     z_t = torch.randint(0, V, (B, L), generator=g)
     probs = logits.softmax(-1)
-    torch.testing.assert_close(su.softmax_gather(logits, z_t), probs.gather(-1, z_t[..., None]).squeeze(-1),
+    torch.testing.assert_close(fd.softmax_gather(logits, z_t), probs.gather(-1, z_t[..., None]).squeeze(-1),
                                rtol=0, atol=0)
     E = torch.randn(V, 5, generator=g, dtype=dtype)
-    torch.testing.assert_close(sg.softmax_matmul(logits, E), probs @ E)
+    torch.testing.assert_close(fd.softmax_matmul(logits, E), probs @ E)
     uniform = UniformStateScheduler(V)
     changed = 0
     times = [(0.05, 0.3), (0.5, 0.6), (0.9, 1.0), (torch.tensor([0.1, 0.2, 0.3, 0.4]), 0.8)]
@@ -853,24 +854,22 @@ def _induced_counts(draw, row: torch.Tensor, bits: int) -> torch.Tensor:
 def test_inverse_cdf_edges_never_return_zero_probability_tokens(dtype):
     """u = 0 picks the first token of positive probability (not token 0), u just below 1 the last one (not V - 1),
     interior zeros are skipped at their CDF boundary; u = 1 (out of range) still lands on the last positive token."""
-    from modeling_dlm.scheduling_uniform import _inverse_cdf
-
     probs = torch.tensor([[0.0, 0.0, 0.25, 0.0, 0.75, 0.0],
                           [0.0, 3.0, 0.0, 0.0, 0.0, 1.0],
                           [0.0, 0.0, 0.0, 0.0, 0.0, 2.0],
                           [1e-30, 0.0, 0.0, 1.0, 0.0, 0.0]], dtype=dtype)
     first, last = torch.tensor([2, 1, 5, 0]), torch.tensor([4, 5, 5, 3])
     for u, expected in [(0.0, first), (_BELOW_ONE, last), (1.0, last)]:
-        assert torch.equal(_inverse_cdf(probs, torch.full((4,), u, dtype=F64)), expected), u
+        assert torch.equal(inverse_cdf(probs, torch.full((4,), u, dtype=F64)), expected), u
     # at the CDF boundary u * total = cdf[k]: the next positive token (right-continuous inverse), never a zero
-    assert torch.equal(_inverse_cdf(probs[:1], torch.tensor([[0.25, 0.25 - 2.0**-54]], dtype=F64)),
+    assert torch.equal(inverse_cdf(probs[:1], torch.tensor([[0.25, 0.25 - 2.0**-54]], dtype=F64)),
                        torch.tensor([[4, 2]]))
     # a (N, m) grid of u per row: monotone, and only positive-probability ids
     grid = torch.linspace(0, _BELOW_ONE, 4001, dtype=F64).expand(4, -1)
-    ids = _inverse_cdf(probs, grid)
+    ids = inverse_cdf(probs, grid)
     assert ids.shape == grid.shape and bool((ids.diff(dim=-1) >= 0).all())
     assert bool((probs.gather(-1, ids) > 0).all())
-    assert _inverse_cdf(probs[:0], torch.zeros(0, dtype=F64)).shape == (0,)
+    assert inverse_cdf(probs[:0], torch.zeros(0, dtype=F64)).shape == (0,)
     # the old draw returned token 0 (probability 0) for u = 0
     assert int(_float32_inverse_cdf_before_fix(probs[:1], torch.zeros(1))[0, 0]) == 0
 
@@ -914,10 +913,8 @@ def test_filtered_rows_never_draw_a_filtered_token():
     for seed in range(3):
         ids = sample_from_probs(rows, gen(seed))
         assert bool(rows.gather(-1, ids[:, None]).gt(0).all()), seed
-    # the draw is `_inverse_cdf` of one float64 uniform per row, from the caller's generator
-    from modeling_dlm.scheduling_uniform import _inverse_cdf
-
-    assert torch.equal(sample_from_probs(rows, gen(7)), _inverse_cdf(rows, torch.rand(len(rows), generator=gen(7),
+    # the draw is `inverse_cdf` of one float64 uniform per row, from the caller's generator
+    assert torch.equal(sample_from_probs(rows, gen(7)), inverse_cdf(rows, torch.rand(len(rows), generator=gen(7),
                                                                                            dtype=F64)))
     # steps: every token they draw from x_hat is in its support
     B, L = 4, 2 * R // 4
@@ -942,11 +939,9 @@ def test_draw_is_exact_on_many_tiny_probabilities():
     """Total variation between a GPT-2-sized row with ~50k tiny probabilities and the distribution the draw induces
     over every float64 uniform torch.rand can return (computed exactly, not sampled): float64 precision. The float32
     draw before the fix fails the same check by ~8 orders of magnitude (TV ~6e-4, ~4e-4 of the mass never drawn)."""
-    from modeling_dlm.scheduling_uniform import _inverse_cdf
-
     row = _tiny_tail_row()
     exact = row.double() / row.double().sum()
-    counts = _induced_counts(_inverse_cdf, row, 53)
+    counts = _induced_counts(inverse_cdf, row, 53)
     induced = counts.double() / 2.0**53
     assert 0.5 * float((induced - exact).abs().sum()) < 1e-10
     assert torch.equal(counts > 0, row > 0)  # every token of positive probability can be drawn, no other
@@ -958,8 +953,6 @@ def test_draw_is_exact_on_many_tiny_probabilities():
 def test_draw_chi_square_on_many_tiny_probabilities():
     """Seeded float64 draws from the tiny-tail row, binned (the 5 large tokens, then the tail in 14 bins of
     consecutive ids): a chi-square goodness of fit against the exact probabilities."""
-    from modeling_dlm.scheduling_uniform import _inverse_cdf
-
     row = _tiny_tail_row()
     V, n = row.numel(), 100_000
     exact = row.double() / row.double().sum()
@@ -968,7 +961,7 @@ def test_draw_chi_square_on_many_tiny_probabilities():
     expected = n * torch.zeros(len(edges) + 1, dtype=F64).index_add_(0, bins, exact)
     assert float(expected.min()) > 20
     for seed in range(2):
-        ids = _inverse_cdf(row[None], torch.rand(1, n, generator=gen(seed), dtype=F64))[0]
+        ids = inverse_cdf(row[None], torch.rand(1, n, generator=gen(seed), dtype=F64))[0]
         assert bool((row[ids] > 0).all())
         observed = torch.bincount(bins[ids], minlength=len(expected)).double()
         chi2 = float(((observed - expected) ** 2 / expected).sum())

@@ -1,7 +1,9 @@
 """`DiffusionTrainer`: the `transformers.Trainer` seam shared by every dlm objective.
 
-A variant trainer implements one hook, `diffusion_loss(model, unwrapped, input_ids, attention_mask, t, generator)`,
-returning the scalar loss and a dict of components to log. The base class:
+The default objective is the NELBO through the model's one loss path (`nelbo_per_token`: the noise process's draw,
+the network, the process's bound), the same path `model.nelbo` evaluates. A variant trainer overrides only what
+differs, through the hook `diffusion_loss(model, unwrapped, input_ids, attention_mask, t, generator)` (the scalar
+loss and a dict of components to log) and, for a richer plan than the times t, `batch_plan`. The base class:
 - draws stratified ("antithetic") times over the *global* batch: ranks and gradient-accumulation micro-batches take
   disjoint slices of one evenly spaced grid (methods.md §B.3.1), from generators derived from (seed, step), so a
   resumed run redraws exactly the same t and noise;
@@ -129,8 +131,10 @@ class DiffusionTrainer(Trainer):
                 f"got {type(self.args).__name__}"
             )
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if not hasattr(unwrapped, "noise_scheduler"):
-            raise TypeError(f"{type(self).__name__} needs a dlm diffusion model, got {type(unwrapped).__name__}")
+        if not hasattr(unwrapped, "noise_process"):
+            raise TypeError(f"{type(self).__name__} needs a dlm diffusion model, got {type(unwrapped).__name__} "
+                            f"(it has no `noise_process`; for a checkpoint whose shipped code predates it, load the "
+                            f"weights with this version's `modeling_dlm` classes instead of its remote code)")
         model_type = getattr(getattr(unwrapped, "config", None), "model_type", None)
         if self.model_types is not None and model_type not in self.model_types:
             raise ValueError(f"{type(self).__name__} trains {' or '.join(self.model_types)} models, got a "
@@ -206,10 +210,11 @@ class DiffusionTrainer(Trainer):
             self._check_token_ids(input_ids, unwrapped)
             self._train_ids_checked = True
         shared, local, micro = self._generators(input_ids.device)
-        t = self.sample_times(input_ids.shape[0], input_ids.device, shared, micro)
-        loss, components = self.diffusion_loss(model, unwrapped, input_ids, attention_mask, t, local)
+        plan = self.batch_plan(input_ids.shape[0], input_ids.device, shared, micro)
+        loss, components = self.diffusion_loss(model, unwrapped, input_ids, attention_mask, plan, local)
         if model.training and self.args.nan_guard and not bool(torch.isfinite(loss.detach())):
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in components.items())
+            t = plan if isinstance(plan, torch.Tensor) else plan.t
             raise FloatingPointError(
                 f"non-finite training loss {float(loss.detach())} at step {self.state.global_step + 1} ({parts}; t in "
                 f"[{float(t.min()):.4g}, {float(t.max()):.4g}]); training stopped before the update, so the weights "
@@ -220,9 +225,23 @@ class DiffusionTrainer(Trainer):
                 self._components[key].append(torch.as_tensor(value, device=loss.device).detach().float())
         return (loss, None) if return_outputs else loss
 
+    def batch_plan(self, batch_size: int, device, shared: torch.Generator, micro: int):
+        """What this micro-batch trains, handed to `diffusion_loss` as its `t`: the stratified times (B,)
+        (`sample_times`) by default; a variant may return a richer plan (RePlaid: `RePlaidBatchPlan`)."""
+        return self.sample_times(batch_size, device, shared, micro)
+
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
-        """Objective hook: returns (scalar loss, {name: float tensor to log})."""
-        raise NotImplementedError
+        """Objective hook: returns (scalar loss, {name: float tensor to log}). The default is the NELBO: the masked
+        token mean of the model's `nelbo_per_token` (the path `model.nelbo` takes), with the network called through
+        the wrapped `model`; `noised_stats` adds what a variant logs from the draw."""
+        per_token, noised = unwrapped.nelbo_per_token(input_ids, t, attention_mask, generator, network=model,
+                                                      return_noised=True)  # (B, L)
+        loss = masked_mean(per_token, attention_mask)
+        return loss, {"nelbo": loss.detach(), **self.noised_stats(noised)}
+
+    def noised_stats(self, noised) -> dict[str, torch.Tensor]:
+        """Hook: values to log from the training draw (`functional_dlm.Noised`); none by default."""
+        return {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._components:

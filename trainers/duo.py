@@ -28,7 +28,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from modeling_dlm.modeling_dlm import NoisedBatch
+from modeling_dlm.functional_dlm import Noised
 from modeling_dlm.noise_schedules import sigma_from_alpha
 
 from .base import DiffusionTrainer, masked_mean
@@ -76,16 +76,14 @@ class DuoTrainer(DiffusionTrainer):
             del w
             logits = model(token_weights=weights, attention_mask=attention_mask, sigma=sigma).logits
         # the bound at z_t = argmax(w), the law of the uniform-state process at alpha = T(gamma)
-        noised = NoisedBatch(z_t, z_t != input_ids, alpha.float(), dalpha.float(), logits)
-        loss = masked_mean(unwrapped.nelbo_from_noised(input_ids, noised), attention_mask)
+        noised = Noised(z_t, aux={"alpha": alpha.float(), "dalpha": dalpha.float()}, logits=logits)
+        loss = masked_mean(unwrapped.noise_process.nelbo_per_token(logits, input_ids, noised), attention_mask)
         return loss, {"nelbo": loss.detach(), "curriculum": torch.tensor(1.0)}
 
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         if self.in_curriculum(model):
             return self.curriculum_loss(model, unwrapped, input_ids, attention_mask, t, generator)
-        per_token = unwrapped.nelbo_per_token(input_ids, t, attention_mask, generator, network=model)  # (B, L)
-        loss = masked_mean(per_token, attention_mask)
-        stats = {"nelbo": loss.detach()}
+        loss, stats = super().diffusion_loss(model, unwrapped, input_ids, attention_mask, t, generator)  # the NELBO
         if self.args.curriculum_steps:
             stats["curriculum"] = torch.tensor(0.0)
         return loss, stats

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from modeling_dlm.scheduling_uniform import _as_column
+from modeling_dlm.functional_dlm import as_column
 
 
 _T_TABLES: dict[tuple[int, float, float, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -92,7 +92,7 @@ def gaussian_coupled_latents(
     other = r + (r >= x0).long()  # uniform over V \ {x}
     out = []
     for m in signal_to_noise:
-        m = _as_column(m, x0, torch.float64)
+        m = as_column(m, x0, torch.float64)
         out.append(torch.where(eps_x + m > max_others, x0, other))
     return out
 

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
+from modeling_dlm.functional_dlm import row_stopped_matmul
 from modeling_dlm.noise_schedules import antithetic_times
-from modeling_dlm.scheduling_gaussian import row_stopped_matmul
 
 from .base import DiffusionTrainer
 
@@ -165,7 +165,7 @@ def replaid_training_loss(
     'diffusion' per-token means (R,) float64 with their graph, and 'is_reconstruction' (R,))."""
     B = input_ids.shape[0]
     device = input_ids.device
-    scheduler, schedule = unwrapped.noise_scheduler, unwrapped.noise_schedule
+    scheduler, schedule = unwrapped.noise_process.scheduler, unwrapped.noise_schedule
     rows, is_recon, t, weight = _rows(plan, B)
     live_entry = ~plan.self_conditioning.to(device)  # (B,) entries whose gradients reach E and the schedule
     live = live_entry[rows]  # (R,)
@@ -305,7 +305,6 @@ class RePlaidTrainer(DiffusionTrainer):
             unwrapped.noise_schedule.requires_grad_(False)
         self.split = ReconstructionShareCallback(self.args.replaid_split_ema_decay, reduce=self._sum_over_processes)
         self.add_callback(self.split)
-        self._pending_plan: RePlaidBatchPlan | None = None
         self._warned_single_entry = False
 
     def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -329,9 +328,8 @@ class RePlaidTrainer(DiffusionTrainer):
         return 1.0 if warmup == 0 else min(1.0, self.state.global_step / warmup)
 
     # ---- the batch plan ---------------------------------------------------------------------------------------------
-    def sample_times(self, batch_size: int, device, shared: torch.Generator, micro: int) -> torch.Tensor:
-        """Plans this micro-batch over the global batch (see `plan_batch`) and returns its (B,) times; the plan is
-        kept for the `diffusion_loss` call that follows in `compute_loss`."""
+    def batch_plan(self, batch_size: int, device, shared: torch.Generator, micro: int) -> RePlaidBatchPlan:
+        """This micro-batch's slice of the global batch's plan (`plan_batch`): adaptive split or all terms."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         world, accumulation = self.args.world_size, self.args.gradient_accumulation_steps
         rank_micro = (micro % accumulation) * world + self.args.process_index
@@ -342,21 +340,21 @@ class RePlaidTrainer(DiffusionTrainer):
                            "diffusion; every entry trains all three terms")
             self._warned_single_entry = True
         if self.args.replaid_batch_split == "adaptive" and total >= 2:
-            plan = plan_batch(batch_size, num_reconstruction=self.split.num_reconstruction(total), generator=shared,
+            return plan_batch(batch_size, num_reconstruction=self.split.num_reconstruction(total), generator=shared,
                               device=device, offset=rank_micro * batch_size, total=total, eps=self.args.sampling_eps,
                               antithetic=self.args.antithetic_time, self_conditioning=self_conditioning)
-        else:
-            t = super().sample_times(batch_size, device, shared, micro)
-            plan = plan_batch(batch_size, num_reconstruction=None, generator=shared, device=device,
-                              offset=rank_micro * batch_size, total=total, eps=self.args.sampling_eps,
-                              self_conditioning=self_conditioning)
-            plan.t = t
-        self._pending_plan = plan
-        return plan.t
+        t = self.sample_times(batch_size, device, shared, micro)
+        plan = plan_batch(batch_size, num_reconstruction=None, generator=shared, device=device,
+                          offset=rank_micro * batch_size, total=total, eps=self.args.sampling_eps,
+                          self_conditioning=self_conditioning)
+        plan.t = t
+        return plan
 
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
-        plan, self._pending_plan = self._pending_plan, None
-        if plan is None or plan.t is not t:  # called directly: all terms on every entry at the given t
+        """`t`: this micro-batch's `RePlaidBatchPlan` (from `batch_plan`), or times (B,) for the all-terms plan at
+        those times (self-conditioning entries drawn from `generator`)."""
+        plan = t
+        if isinstance(plan, torch.Tensor):
             chosen = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             if unwrapped.config.self_conditioning:
                 start = int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=generator,

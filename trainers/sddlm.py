@@ -105,15 +105,15 @@ class SDDLMTrainer(DiffusionTrainer):
     def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
         config = unwrapped.config
         noised = unwrapped.noised_forward(input_ids, t, attention_mask, generator, network=model)
-        positions = (noised.z_t != input_ids) if config.loss_mask == "changed" else noised.replaced
+        positions = (noised.z_t != input_ids) if config.loss_mask == "changed" else noised.aux["replaced"]
         if attention_mask is not None:
             positions = positions & attention_mask.bool()
         per_token = terms = None
         if config.elbo_weight:
             # the hybrid's bound, log p[x] and (mean, hinge) the regulariser's sum from ONE fused pass over the vocab
             eps = config.regularizer_eps if config.regularizer in ("mean", "hinge") else None
-            per_token, S, log_p_x = unwrapped.noise_scheduler.nelbo_and_log_terms(
-                noised.logits, input_ids, noised.z_t, noised.alpha, noised.dalpha, eps=eps)
+            per_token, S, log_p_x = unwrapped.noise_process.scheduler.nelbo_and_log_terms(
+                noised.logits, input_ids, noised.z_t, noised.aux["alpha"], noised.aux["dalpha"], eps=eps)
             terms = (S, log_p_x)
         loss, stats = sddlm_loss(
             noised.logits, input_ids, positions,
