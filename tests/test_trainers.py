@@ -262,8 +262,8 @@ def tiny_discrete(variant: str, vocab: int = 29, **overrides):
 
 @pytest.mark.parametrize("variant", ["mdlm", "duo", "sddlm"])
 def test_training_and_nelbo_compute_one_bound(variant, tmp_path):
-    """The Trainer's bound and `model.nelbo_per_token` run one code path (`noised_forward`, then
-    `nelbo_from_noised`): for the same x, t and noise they give the same numbers, bit for bit."""
+    """The Trainer's bound and `model.nelbo_per_token` run one code path (`noised_forward`, then the process's
+    `nelbo_per_token`): for the same x, t and noise they give the same numbers, bit for bit."""
     model = tiny_discrete(variant)
     ids = torch.randint(0, 28, (4, 12), generator=torch.Generator().manual_seed(3))
     trainer = TRAINERS[variant](model=model, args=make_args(tmp_path),
@@ -276,6 +276,35 @@ def test_training_and_nelbo_compute_one_bound(variant, tmp_path):
     if variant != "sddlm":  # the bound is the objective (SDDLM's is the simple loss plus 0.1 of it)
         assert torch.equal(loss.detach(), bound)
     assert bound.item() > 0.5
+
+
+def test_replaid_training_and_nelbo_compute_one_bound(tmp_path):
+    """RePlaid's training loss with the all-terms plan (every entry trains prior, reconstruction and diffusion) is the
+    model's three-term bound for the same x, t and noise. The trainer draws the noise of its 2B rows (reconstruction
+    rows, then diffusion rows) in one call, the bound in two (z_0, then z_t): with B L d_e a multiple of 16 the
+    generator's stream is the same, which the test checks first."""
+    from .conftest import tiny_config
+
+    B, L, d_e = 4, 12, 16
+    g = torch.Generator().manual_seed(7)
+    one = torch.randn(2 * B, L, d_e, generator=g)
+    g = torch.Generator().manual_seed(7)
+    assert torch.equal(one, torch.cat([torch.randn(B, L, d_e, generator=g), torch.randn(B, L, d_e, generator=g)]))
+    torch.manual_seed(0)
+    model = VARIANTS["replaid"][1](tiny_config("replaid", embedding_dim=d_e, self_conditioning=False,
+                                               max_position_embeddings=L)).eval()
+    ids = torch.randint(0, 60, (B, L), generator=torch.Generator().manual_seed(3))
+    trainer = TRAINERS["replaid"](model=model, args=make_args(tmp_path, replaid_batch_split="all_terms"),
+                                  train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))
+    t = torch.tensor([0.02, 0.3, 0.6, 0.97])
+    with torch.no_grad():
+        loss, stats = trainer.diffusion_loss(model, model, ids, None, t, torch.Generator().manual_seed(7))
+        terms = model.nelbo_terms(ids, t, generator=torch.Generator().manual_seed(7))
+        bound = model.nelbo_per_token(ids, t, generator=torch.Generator().manual_seed(7)).mean()
+    for name in ("prior", "reconstruction", "diffusion"):
+        torch.testing.assert_close(stats[name].double(), terms[name].mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), bound, rtol=1e-6, atol=0)
+    assert bound.item() > 1.0
 
 
 @pytest.mark.parametrize("variant", ["mdlm", "duo", "sddlm"])
