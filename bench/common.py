@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from modeling_dlm import VARIANTS
+from trainers.checkpoints import build_model
 
 
 def size_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
@@ -24,15 +24,13 @@ def size_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
 
 def build(variant: str, args, **overrides):
     """A seeded model of `variant` with the benchmark's sizes (dropout off); `overrides` change config fields."""
-    config_class, model_class = VARIANTS[variant]
     kwargs = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, cond_dim=128, max_position_embeddings=args.seq,
                   hidden_dropout_prob=0.0)
     if variant == "replaid":
         kwargs["schedule_hidden_size"] = 1024
     kwargs.update(overrides)
-    torch.manual_seed(0)
-    return model_class(config_class(**kwargs))
+    return build_model(variant, seed=0, **kwargs)
 
 
 def wikitext_parser(doc: str, out: str) -> argparse.ArgumentParser:
@@ -83,16 +81,10 @@ def train_and_bound(variant: str, args, tokenizer, train_ds, held_out, output_di
     from trainers import TRAINERS, DiffusionTrainingArguments
     from trainers.evaluation import evaluate_likelihood
 
-    torch.manual_seed(args.seed)
-    config_class, model_class = VARIANTS[variant]
-    kwargs = dict(vocab_size=len(tokenizer), hidden_size=args.hidden, num_hidden_layers=args.layers,
-                  num_attention_heads=args.heads, cond_dim=64, max_position_embeddings=args.seq,
-                  hidden_dropout_prob=0.0, pad_token_id=tokenizer.pad_token_id,
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if variant == "mdlm":
-        kwargs["mask_token_id"] = tokenizer.mask_token_id
+    kwargs = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                  cond_dim=64, max_position_embeddings=args.seq, hidden_dropout_prob=0.0)
     kwargs.update(config or {})
-    model = model_class(config_class(**kwargs))
+    model = build_model(variant, tokenizer=tokenizer, seed=args.seed, **kwargs)
     targs = DiffusionTrainingArguments(
         output_dir=output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=args.lr,
         warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, args.steps // 4),

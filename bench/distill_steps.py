@@ -27,7 +27,8 @@ from transformers import AutoModel, AutoTokenizer, Trainer, TrainingArguments
 
 def main() -> None:
     from trainers import DiffusionTrainingArguments, DuoDistillationTrainer
-    from trainers.cli import ModelArguments, _load_config_dict, build_model
+    from trainers.checkpoints import build_model
+    from trainers.cli import ModelArguments, _load_config_dict
     from trainers.data import build_datasets
     from trainers.evaluation import generative_perplexity
 
@@ -56,7 +57,8 @@ def main() -> None:
     judge_dir = work / "judge"
     if not (judge_dir / "config.json").is_file():
         torch.manual_seed(0)
-        judge = build_model("ar", _load_config_dict(ModelArguments(variant="ar", size="tiny")), tokenizer, seq_len)
+        judge = build_model("ar", tokenizer=tokenizer, seq_len=seq_len,
+                            **_load_config_dict(ModelArguments(variant="ar", size="tiny")))
         targs = TrainingArguments(output_dir=str(judge_dir), max_steps=args.judge_steps,
                                   per_device_train_batch_size=32,
                                   learning_rate=2e-3, warmup_steps=20, lr_scheduler_type="cosine", report_to=[],

@@ -29,13 +29,10 @@ from transformers.utils import ModelOutput
 from .configuration_dlm import DiffusionLMConfig, DuoConfig, MDLMConfig, RePlaidConfig, SDDLMConfig
 from .functional_dlm import Noised, row_stopped_matmul
 from .generation_dlm import (
-    DuoGenerationConfig,
+    DiffusionLMGenerationMixin,
     DuoGenerationMixin,
-    MDLMGenerationConfig,
     MDLMGenerationMixin,
-    RePlaidGenerationConfig,
     RePlaidGenerationMixin,
-    SDDLMGenerationConfig,
     SDDLMGenerationMixin,
     _is_compiling,
     check_token_ids,
@@ -69,6 +66,16 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _auto_class = "AutoModel"  # makes save_pretrained copy this folder's code next to the weights
     _token_ids_checked = False  # True inside `ids_checked()`: the entry point has range-checked the ids
+
+    def __init_subclass__(cls, **kwargs):
+        """A variant's generation mixin names its generation config class; `PreTrainedModel` (earlier in the MRO)
+        sets transformers' `GenerationConfig`, so take the mixin's unless the class body sets one."""
+        super().__init_subclass__(**kwargs)
+        if "generation_config_class" not in vars(cls):
+            for base in cls.__mro__[1:]:
+                if issubclass(base, DiffusionLMGenerationMixin) and "generation_config_class" in vars(base):
+                    cls.generation_config_class = vars(base)["generation_config_class"]
+                    break
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -386,17 +393,14 @@ class SDDLMForDiffusionLM(UniformDiffusionLM, SDDLMGenerationMixin):
     """
 
     config_class = SDDLMConfig
-    generation_config_class = SDDLMGenerationConfig
 
 
 class DuoForDiffusionLM(UniformDiffusionLM, DuoGenerationMixin):
     config_class = DuoConfig
-    generation_config_class = DuoGenerationConfig
 
 
 class MDLMForDiffusionLM(DiscreteDiffusionLM, MDLMGenerationMixin):
     config_class = MDLMConfig
-    generation_config_class = MDLMGenerationConfig
 
     def _build_noise_process(self) -> AbsorbingStateProcess:
         return AbsorbingStateProcess(self.config.vocab_size, self.config.mask_token_id,
@@ -419,7 +423,6 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
     """
 
     config_class = RePlaidConfig
-    generation_config_class = RePlaidGenerationConfig
 
     def __init__(self, config):
         super().__init__(config)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from modeling_dlm import VARIANTS
+from trainers.checkpoints import build_model, model_config
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -22,20 +23,22 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
-def tiny_config(variant: str, **overrides):
-    config_class, _ = VARIANTS[variant]
+def tiny_kwargs(variant: str, **overrides) -> dict:
     kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   cond_dim=COND, max_position_embeddings=16, hidden_dropout_prob=0.0)
     if variant == "replaid":
         kwargs["schedule_hidden_size"] = 8
     kwargs.update(overrides)
-    return config_class(**kwargs)
+    return kwargs
+
+
+def tiny_config(variant: str, **overrides):
+    return model_config(variant, **tiny_kwargs(variant, **overrides))
 
 
 def tiny_model(variant: str, seed: int = 0, randomize: bool = True, **overrides):
     """A tiny model; `randomize` perturbs the zero-initialised layers so outputs depend on inputs and time."""
-    torch.manual_seed(seed)
-    model = VARIANTS[variant][1](tiny_config(variant, **overrides))
+    model = build_model(variant, seed=seed, **tiny_kwargs(variant, **overrides))
     if randomize:
         with torch.no_grad():
             for name, p in model.named_parameters():

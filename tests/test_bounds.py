@@ -9,8 +9,8 @@ import datasets
 import pytest
 import torch
 
-from modeling_dlm import VARIANTS
 from trainers import TRAINERS, DiffusionTrainingArguments
+from trainers.checkpoints import build_model
 
 
 STATES, LENGTH = 12, 16
@@ -58,11 +58,8 @@ def test_trained_nelbo_is_a_bound_on_a_known_entropy_source(variant, overrides, 
     train = sample_sequences(transition, pi, 4096, g)
     held_out = sample_sequences(transition, pi, 512, g)
     vocab = STATES + 1  # one extra id: MDLM's mask token (unused by the others)
-    config_class, model_class = VARIANTS[variant]
-    kwargs = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, cond_dim=32,
-                  max_position_embeddings=LENGTH, hidden_dropout_prob=0.0, **overrides)
-    torch.manual_seed(0)
-    model = model_class(config_class(**kwargs))
+    model = build_model(variant, seed=0, vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        cond_dim=32, max_position_embeddings=LENGTH, hidden_dropout_prob=0.0, **overrides)
     args = DiffusionTrainingArguments(output_dir=str(tmp_path), max_steps=400, per_device_train_batch_size=64,
                                       learning_rate=3e-3, warmup_steps=20, lr_scheduler_type="cosine",
                                       logging_steps=50, report_to=[], save_strategy="no", use_cpu=True,

@@ -15,6 +15,7 @@ from modeling_dlm import VARIANTS
 
 from .conftest import BATCH, gen
 
+
 FIXTURES = Path(__file__).parent / "data" / "pre_seam"
 
 
@@ -31,7 +32,8 @@ def test_pre_seam_checkpoint_gives_the_same_numbers(variant):
         nelbo = model.nelbo(x, generator=gen(0), num_time_samples=2)
         ancestral = model.generate(batch_size=2, max_new_tokens=x.shape[1], num_steps=4, generator=gen(2))
         prompted = model.generate(input_ids=x[:2, :3], max_new_tokens=4, num_steps=3, generator=gen(5))
-    assert torch.equal(logits, expected["logits"])
-    assert torch.equal(nelbo, expected["nelbo"])
+    # float sums may round differently with another thread count than the fixture's: equal up to float32 rounding
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nelbo, expected["nelbo"], rtol=1e-5, atol=1e-6)
     assert torch.equal(ancestral, expected["ancestral"])
     assert torch.equal(prompted, expected["prompted"])

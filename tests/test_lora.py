@@ -152,7 +152,8 @@ def test_lora_training_save_reload_merge(case, tmp_path, one_intra_op_thread):
 def test_dlm_train_lora_flags_save_adapter_and_merged_model(tmp_path, capsys, one_intra_op_thread):
     """`dlm train --init_from BASE --lora_r 4 --merge_lora`: the adapter in --output_dir, the merged model in
     --output_dir/merged; the two give the same logits."""
-    from trainers.cli import build_model, main
+    from trainers.checkpoints import build_model
+    from trainers.cli import main
 
     text = shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")[:20_000]
     data = tmp_path / "text.txt"
@@ -162,7 +163,7 @@ def test_dlm_train_lora_flags_save_adapter_and_merged_model(tmp_path, capsys, on
     tokenizer = prepare_tokenizer(builtin_tokenizer(), need_pad=True)  # what `dlm train` uses without --tokenizer
     body = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, cond_dim=16, max_position_embeddings=32)
     torch.manual_seed(0)
-    base = build_model("duo", body, tokenizer, 32)
+    base = build_model("duo", tokenizer=tokenizer, seq_len=32, **body)
     with torch.no_grad():  # a "trained" base: no zero-initialised layers, so outputs depend on the input
         for name, p in base.named_parameters():
             if "adaLN_modulation" in name or "output_layer.linear" in name:

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from modeling_dlm import VARIANTS
 from trainers import TRAINERS, DiffusionTrainingArguments
+from trainers.checkpoints import build_model
 from trainers.data import prepare_tokenizer, tokenize_dataset
 
 from .conftest import shared_data
@@ -37,15 +38,13 @@ def shakespeare(gpt2_tokenizer):
 
 
 def small_model(variant: str, tokenizer, seed: int = 0):
-    config_class, model_class = VARIANTS[variant]
     kwargs = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, cond_dim=16,
                   max_position_embeddings=SEQ, hidden_dropout_prob=0.0)
     if variant == "mdlm":
         kwargs["mask_token_id"] = tokenizer.mask_token_id
     if variant == "replaid":
         kwargs["schedule_hidden_size"] = 16
-    torch.manual_seed(seed)
-    return model_class(config_class(**kwargs))
+    return build_model(variant, seed=seed, **kwargs)
 
 
 def make_args(tmp_path, **overrides):
@@ -200,13 +199,11 @@ def test_bound_falls_well_below_log_v_on_real_text(variant, tmp_path, gpt2_token
     text = shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")
     raw = datasets.Dataset.from_dict({"text": text.split("\n\n")[:1500]})
     blocks = tokenize_dataset(raw, gpt2_tokenizer, SEQ, "wrap").train_test_split(test_size=32, seed=0, shuffle=False)
-    config_class, model_class = VARIANTS[variant]
     kwargs = dict(vocab_size=len(gpt2_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   cond_dim=16, max_position_embeddings=SEQ, hidden_dropout_prob=0.0)
     if variant == "mdlm":
         kwargs["mask_token_id"] = gpt2_tokenizer.mask_token_id
-    torch.manual_seed(0)
-    model = model_class(config_class(**kwargs))
+    model = build_model(variant, seed=0, **kwargs)
     args = make_args(tmp_path, max_steps=80, logging_steps=40, per_device_train_batch_size=8)
     trainer = TRAINERS[variant](model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["test"])
     before = trainer.evaluate()["eval_nelbo"]
@@ -252,12 +249,9 @@ def test_sddlm_loss_pure_function():
 
 def tiny_discrete(variant: str, vocab: int = 29, **overrides):
     """A seeded one-layer model of a discrete variant on sequences of 12 tokens (MDLM's mask id: vocab - 1)."""
-    config_class, model_class = VARIANTS[variant]
     extra = {"mask_token_id": vocab - 1} if variant == "mdlm" else {}
-    torch.manual_seed(0)
-    return model_class(config_class(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                    cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0, **extra,
-                                    **overrides))
+    return build_model(variant, seed=0, vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       cond_dim=16, max_position_embeddings=12, hidden_dropout_prob=0.0, **extra, **overrides)
 
 
 @pytest.mark.parametrize("variant", ["mdlm", "duo", "sddlm"])
@@ -283,16 +277,15 @@ def test_replaid_training_and_nelbo_compute_one_bound(tmp_path):
     model's three-term bound for the same x, t and noise. The trainer draws the noise of its 2B rows (reconstruction
     rows, then diffusion rows) in one call, the bound in two (z_0, then z_t): with B L d_e a multiple of 16 the
     generator's stream is the same, which the test checks first."""
-    from .conftest import tiny_config
+    from .conftest import tiny_model
 
     B, L, d_e = 4, 12, 16
     g = torch.Generator().manual_seed(7)
     one = torch.randn(2 * B, L, d_e, generator=g)
     g = torch.Generator().manual_seed(7)
     assert torch.equal(one, torch.cat([torch.randn(B, L, d_e, generator=g), torch.randn(B, L, d_e, generator=g)]))
-    torch.manual_seed(0)
-    model = VARIANTS["replaid"][1](tiny_config("replaid", embedding_dim=d_e, self_conditioning=False,
-                                               max_position_embeddings=L)).eval()
+    model = tiny_model("replaid", randomize=False, embedding_dim=d_e, self_conditioning=False,
+                       max_position_embeddings=L)
     ids = torch.randint(0, 60, (B, L), generator=torch.Generator().manual_seed(3))
     trainer = TRAINERS["replaid"](model=model, args=make_args(tmp_path, replaid_batch_split="all_terms"),
                                   train_dataset=datasets.Dataset.from_dict({"input_ids": ids.tolist()}))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .checkpoints import build_model, load_config, load_model, load_tokenizer
 from .variants import REGISTRY
 
 
@@ -170,28 +171,6 @@ def _load_tokenizer(name: str | None, variant: str):
     return prepare_tokenizer(tokenizer, need_pad=True, need_mask=REGISTRY[variant].needs_mask_token)
 
 
-def build_model(variant: str, body: dict, tokenizer, seq_len: int):
-    """A fresh model of `variant` from a config body, sized to the tokenizer and sequence length."""
-    body = dict(body)
-    body["vocab_size"] = len(tokenizer)
-    body["max_position_embeddings"] = max(int(body.get("max_position_embeddings", seq_len)), seq_len)
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        body[key] = getattr(tokenizer, key)
-    if variant == "ar":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        return LlamaForCausalLM(LlamaConfig(**body))
-    from modeling_dlm import VARIANTS
-
-    config_class, model_class = VARIANTS[variant]
-    if REGISTRY[variant].needs_mask_token:
-        body["mask_token_id"] = tokenizer.mask_token_id
-    model = model_class(config_class(**body))
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
-    return model
-
-
 # ---- train ----------------------------------------------------------------------------------------------------------
 def cmd_train(argv: list[str]) -> int:
     from trainers import DiffusionTrainingArguments
@@ -311,7 +290,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
     set_seed(training_args.seed)  # the same --seed gives the same initial weights, and so the same run
     tokenizer = _load_tokenizer(model_args.tokenizer, variant)
     if model_args.init_from:  # check the checkpoint against --variant and the tokenizer before loading any data
-        config = _load_config(model_args.init_from)
+        config = load_config(model_args.init_from)
         expected = "llama" if variant == "ar" else variant
         if config.model_type != expected:
             raise ValueError(f"--init_from {model_args.init_from} is a {config.model_type!r} checkpoint but --variant "
@@ -321,9 +300,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
                              f"tokenizer has {len(tokenizer)} tokens")
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     if model_args.init_from:
-        model = _load_model(model_args.init_from)
+        model = load_model(model_args.init_from)
     else:
-        model = build_model(variant, body, tokenizer, data_args.seq_len)
+        model = build_model(variant, tokenizer=tokenizer, seq_len=data_args.seq_len, **body)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("variant %s: %.2fM parameters, %d train / %s eval examples of %d tokens", variant, n_params / 1e6,
                 len(train_ds) if hasattr(train_ds, "__len__") else -1,
@@ -392,70 +371,6 @@ class EvalArguments:
     top_p: float | None = field(default=None, metadata={"help": "Nucleus filtering of the judged samples."})
 
 
-def _load_config(path: str):
-    """The config of checkpoint `path` (a folder, or a Hub repo id); OSError naming `path` if there is none."""
-    from transformers import AutoConfig
-
-    import modeling_dlm  # noqa: F401  (registers the dlm Auto classes)
-
-    local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
-    if not os.path.exists(path) and local:
-        raise OSError(f"checkpoint folder not found: {path}")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise OSError(f"{path} is not a checkpoint folder (it is a file)")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise OSError(f"{path} is not a checkpoint folder: config.json is missing")
-    try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=True)
-    except OSError as err:
-        if os.path.isdir(path):
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise OSError(f"{path!r} is neither a local checkpoint folder nor a reachable Hub repo: {first}") from err
-
-
-def _load_model(path: str, device: str | None = None):
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    if device is not None:
-        try:
-            kind = torch.device(device).type
-        except RuntimeError as err:
-            raise ValueError(f"--device {device!r} is not a torch device: {str(err).splitlines()[0]}") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
-    config = _load_config(path)
-    auto = AutoModelForCausalLM if config.model_type == "llama" else AutoModel
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar would break one-line errors and JSON-only stdout
-    try:
-        model = auto.from_pretrained(path, trust_remote_code=True)
-    except Exception as err:
-        if type(err).__name__ != "SafetensorError":
-            raise
-        raise OSError(f"the weights in {path} cannot be read ({err}): truncated or corrupt safetensors") from err
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
-
-
-def _load_checkpoint_tokenizer(path: str, model):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    except (OSError, ValueError) as err:
-        raise OSError(f"no tokenizer in {path}: {err}") from None
-    if len(tokenizer) != model.config.vocab_size:
-        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
-    return tokenizer
-
-
 def cmd_eval(argv: list[str]) -> int:
     from trainers.data import load_eval_text, tokenize_for_eval
     from trainers.evaluation import evaluate_likelihood
@@ -463,8 +378,8 @@ def cmd_eval(argv: list[str]) -> int:
     parser = _hf_parser(EvalArguments, DataArguments)
     parser.prog = "dlm eval"
     eval_args, data_args = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
-    model = _load_model(eval_args.model_dir, eval_args.device)
-    tokenizer = _load_checkpoint_tokenizer(eval_args.model_dir, model)
+    model = load_model(eval_args.model_dir, eval_args.device)
+    tokenizer = load_tokenizer(eval_args.model_dir, model)
     max_len = getattr(model.config, "max_position_embeddings", data_args.seq_len)
     if data_args.seq_len > max_len:
         raise ValueError(f"--seq_len {data_args.seq_len} exceeds the model's max_position_embeddings {max_len}")
@@ -486,10 +401,10 @@ def cmd_eval(argv: list[str]) -> int:
     if eval_args.judge:
         from trainers.evaluation import generative_perplexity
 
-        judge = _load_model(eval_args.judge, eval_args.device)
+        judge = load_model(eval_args.judge, eval_args.device)
         if hasattr(judge, "nelbo_per_token"):
             raise ValueError(f"--judge {eval_args.judge} must be a causal LM, got a diffusion model")
-        judge_tokenizer = _load_checkpoint_tokenizer(eval_args.judge, judge)
+        judge_tokenizer = load_tokenizer(eval_args.judge, judge)
         settings = {k: v for k, v in (("num_steps", eval_args.gen_num_steps), ("sampler", eval_args.sampler),
                                       ("final_step", eval_args.final_step), ("top_p", eval_args.top_p))
                     if v is not None}
@@ -543,8 +458,8 @@ def cmd_generate(argv: list[str]) -> int:
         raise ValueError(f"--num_steps must be >= 1, got {args.num_steps}")
     if args.max_new_tokens < 0:
         raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
-    model = _load_model(args.model_dir, args.device)
-    tokenizer = _load_checkpoint_tokenizer(args.model_dir, model)
+    model = load_model(args.model_dir, args.device)
+    tokenizer = load_tokenizer(args.model_dir, model)
     kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "final_step", "temperature", "top_p", "top_k")
               if getattr(args, k) is not None}
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
@@ -727,11 +642,11 @@ def cmd_distill(argv: list[str]) -> int:
     parser = _hf_parser(DistillArguments, DataArguments, DiffusionTrainingArguments)
     parser.prog = "dlm distill"
     distill_args, data_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
-    student = _load_model(distill_args.teacher, "cpu")
+    student = load_model(distill_args.teacher, "cpu")
     if student.config.model_type != "duo":
         raise ValueError(f"--teacher must be a Duo checkpoint, got model_type {student.config.model_type!r}")
     student.train()
-    tokenizer = _load_checkpoint_tokenizer(distill_args.teacher, student)
+    tokenizer = load_tokenizer(distill_args.teacher, student)
     if data_args.seq_len > student.config.max_position_embeddings:
         raise ValueError(f"--seq_len {data_args.seq_len} exceeds the teacher's max_position_embeddings "
                          f"{student.config.max_position_embeddings}")
@@ -783,7 +698,7 @@ def cmd_quickstart(argv: list[str]) -> int:
     logger.info("2/5 a tiny Duo model")
     body = _load_config_dict(ModelArguments(variant="duo", size="tiny"))
     torch.manual_seed(args.seed)
-    model = build_model("duo", body, tokenizer, args.seq_len)
+    model = build_model("duo", tokenizer=tokenizer, seq_len=args.seq_len, **body)
     logger.info("    %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     training_args = DiffusionTrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,

@@ -12,7 +12,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import BATCH, SEQ, VOCAB, VARIANTS, gen, tiny_model
+from tests.conftest import BATCH, SEQ, VARIANTS, VOCAB, gen, tiny_model
 
 
 def main(out: str) -> None:
