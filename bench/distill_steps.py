@@ -21,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from transformers import AutoModel, AutoTokenizer, Trainer, TrainingArguments
 
 
@@ -56,8 +55,7 @@ def main() -> None:
     # 1. the AR judge
     judge_dir = work / "judge"
     if not (judge_dir / "config.json").is_file():
-        torch.manual_seed(0)
-        judge = build_model("ar", tokenizer=tokenizer, seq_len=seq_len,
+        judge = build_model("ar", tokenizer=tokenizer, seq_len=seq_len, seed=0,
                             **_load_config_dict(ModelArguments(variant="ar", size="tiny")))
         targs = TrainingArguments(output_dir=str(judge_dir), max_steps=args.judge_steps,
                                   per_device_train_batch_size=32,

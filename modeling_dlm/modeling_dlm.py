@@ -71,11 +71,9 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         """A variant's generation mixin names its generation config class; `PreTrainedModel` (earlier in the MRO)
         sets transformers' `GenerationConfig`, so take the mixin's unless the class body sets one."""
         super().__init_subclass__(**kwargs)
-        if "generation_config_class" not in vars(cls):
-            for base in cls.__mro__[1:]:
-                if issubclass(base, DiffusionLMGenerationMixin) and "generation_config_class" in vars(base):
-                    cls.generation_config_class = vars(base)["generation_config_class"]
-                    break
+        mixin = next((base for base in cls.__mro__[1:] if issubclass(base, DiffusionLMGenerationMixin)), None)
+        if mixin is not None and "generation_config_class" not in vars(cls):
+            cls.generation_config_class = mixin.generation_config_class  # the mixin's MRO holds only mixins
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

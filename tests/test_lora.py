@@ -162,8 +162,7 @@ def test_dlm_train_lora_flags_save_adapter_and_merged_model(tmp_path, capsys, on
 
     tokenizer = prepare_tokenizer(builtin_tokenizer(), need_pad=True)  # what `dlm train` uses without --tokenizer
     body = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, cond_dim=16, max_position_embeddings=32)
-    torch.manual_seed(0)
-    base = build_model("duo", tokenizer=tokenizer, seq_len=32, **body)
+    base = build_model("duo", tokenizer=tokenizer, seq_len=32, seed=0, **body)
     with torch.no_grad():  # a "trained" base: no zero-initialised layers, so outputs depend on the input
         for name, p in base.named_parameters():
             if "adaLN_modulation" in name or "output_layer.linear" in name:

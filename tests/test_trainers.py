@@ -199,11 +199,7 @@ def test_bound_falls_well_below_log_v_on_real_text(variant, tmp_path, gpt2_token
     text = shared_data("tinyshakespeare", "input.txt").read_text(encoding="utf-8")
     raw = datasets.Dataset.from_dict({"text": text.split("\n\n")[:1500]})
     blocks = tokenize_dataset(raw, gpt2_tokenizer, SEQ, "wrap").train_test_split(test_size=32, seed=0, shuffle=False)
-    kwargs = dict(vocab_size=len(gpt2_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  cond_dim=16, max_position_embeddings=SEQ, hidden_dropout_prob=0.0)
-    if variant == "mdlm":
-        kwargs["mask_token_id"] = gpt2_tokenizer.mask_token_id
-    model = build_model(variant, seed=0, **kwargs)
+    model = small_model(variant, gpt2_tokenizer)
     args = make_args(tmp_path, max_steps=80, logging_steps=40, per_device_train_batch_size=8)
     trainer = TRAINERS[variant](model=model, args=args, train_dataset=blocks["train"], eval_dataset=blocks["test"])
     before = trainer.evaluate()["eval_nelbo"]

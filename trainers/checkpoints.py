@@ -82,7 +82,7 @@ def load_config(path: str):
 
 def load_model(path: str, device: str | None = None):
     """The checkpoint's model (AutoModel with its remote code; the AR baseline as AutoModelForCausalLM) on `device`
-    (default: CUDA if available), in eval mode."""
+    (default: the machine's accelerator if it has one, else the CPU), in eval mode."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -92,8 +92,9 @@ def load_model(path: str, device: str | None = None):
             kind = torch.device(device).type
         except RuntimeError as err:
             raise ValueError(f"--device {device!r} is not a torch device: {str(err).splitlines()[0]}") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {device!r}: CUDA is not available on this machine (use --device cpu)")
+        accelerator = torch.accelerator.current_accelerator()  # None on a CPU-only machine
+        if kind not in ("cpu", "meta") and (accelerator is None or accelerator.type != kind):
+            raise ValueError(f"--device {device!r}: this machine has no {kind} device (use --device cpu)")
     config = load_config(path)
     auto = AutoModelForCausalLM if config.model_type == "llama" else AutoModel
     bar = hf_logging.is_progress_bar_enabled()
@@ -107,7 +108,7 @@ def load_model(path: str, device: str | None = None):
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.accelerator.current_accelerator() or "cpu"
     return model.to(device).eval()
 
 

@@ -697,8 +697,7 @@ def cmd_quickstart(argv: list[str]) -> int:
                 args.seq_len, len(tokenizer))
     logger.info("2/5 a tiny Duo model")
     body = _load_config_dict(ModelArguments(variant="duo", size="tiny"))
-    torch.manual_seed(args.seed)
-    model = build_model("duo", tokenizer=tokenizer, seq_len=args.seq_len, **body)
+    model = build_model("duo", tokenizer=tokenizer, seq_len=args.seq_len, seed=args.seed, **body)
     logger.info("    %.2fM parameters", sum(p.numel() for p in model.parameters()) / 1e6)
     training_args = DiffusionTrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
