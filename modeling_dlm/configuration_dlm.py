@@ -248,6 +248,10 @@ class RePlaidConfig(DiffusionLMConfig):
         schedule_hidden_size: hidden units of the monotone schedule network (1024).
         time_input: what the adaLN time embedding sees, `"gamma"` (log noise-to-signal, default) or `"t"`; RePlaid's
             exact choice is UNVERIFIED.
+        given_latent: the latent of given tokens (a prompt, an infill's context) in sampling: `"noised"` (default) the
+            forward-noised true embedding at each step's level, the replacement method for a model trained on whole
+            sequences; `"clean"` their clean latent at every step, which is what conditional (SFT) training feeds
+            (`prompt_mask`), so SFT sets it (`trainers.data` / `dlm train --task sft`).
     """
 
     model_type = "replaid"
@@ -260,8 +264,11 @@ class RePlaidConfig(DiffusionLMConfig):
     gamma_1: float = 6.0
     schedule_hidden_size: int = 1024
     time_input: str = "gamma"
+    given_latent: str = "noised"
 
     def __post_init__(self, **kwargs):
+        _check(self.given_latent in ("noised", "clean"),
+               f"`given_latent` must be 'noised' or 'clean', got {self.given_latent!r}")
         _check(isinstance(self.embedding_dim, int) and self.embedding_dim > 0,
                f"`embedding_dim` must be a positive integer, got {self.embedding_dim!r}")
         _check(self.embedding_init in ("normal", "unit_norm"),

@@ -3,13 +3,15 @@
 A noise process is one object (`model.noise_process`, architecture.md §2b) that owns its time parameterisation and
 its math, behind one interface that the model's bound and the one sampling loop (`generation_dlm.py`) call:
     prior_sample(shape, generator, device)                      -> z_1
-    add_noise(x0, t, generator)                                 -> Noised(z_t, model_inputs, aux)
+    add_noise(x0, t, generator, fixed=None)                     -> Noised(z_t, model_inputs, aux)
     nelbo_per_token(logits, x0, noised)                         -> (B, L), the NELBO integrand at the draw
     model_inputs(z, t)                                          -> keyword arguments of the network at (z, t)
     denoise_logits(logits)                                      -> logits of x_hat (SUBS for the absorbing process)
     step(logits, z_t, t, s, *, generator, final, greedy)        -> z_s (the last step decodes)
     fix(z, x0, fixed, t, *, generator, final)                   -> z with the `fixed` positions set from x0
     tokens(z)                                                   -> token ids (identity for the discrete processes)
+`fixed` (B, L) bool marks given positions (a prompt in conditional training, the context of an infill): they are
+clean context at every t, in training as in sampling (`fix`), and carry no loss (`replaced` is False there).
 `DiscreteProcess` implements it for a token-id state on an alpha(t) schedule (uniform, absorbing); the Gaussian
 process (`scheduling_gaussian.GaussianEmbeddingProcess`) for an embedding latent on the learned gamma(t).
 
@@ -61,10 +63,13 @@ class DiscreteProcess:
     def prior_sample(self, shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
         return self.scheduler.prior_sample(shape, generator=generator, device=device)
 
-    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
-        """z_t ~ q(z_t | x0) at times t (B,)."""
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
+                  fixed: torch.Tensor | None = None) -> Noised:
+        """z_t ~ q(z_t | x0) at times t (B,); the `fixed` (B, L) positions keep x0 (the same draws either way)."""
         alpha, dalpha = self.schedule.alpha(t), self.schedule.dalpha_dt(t)  # (B,) each
         z_t, replaced = self.scheduler.add_noise(x0, alpha, generator=generator)
+        if fixed is not None:
+            z_t, replaced = self.fix(z_t, x0, fixed), replaced & ~fixed
         return Noised(z_t, self.model_inputs(z_t, t, alpha), {"alpha": alpha, "dalpha": dalpha, "replaced": replaced})
 
     def model_inputs(self, z: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor | None = None) -> dict:
@@ -136,6 +141,66 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         last = torch.searchsorted(cdf, total)  # first k with cdf[k] >= total: the last token of positive probability
         ids[rows] = torch.where(k < V, k, last)
     return ids.view(shape)
+
+
+class RowGenerators:
+    """One `torch.Generator` per row of a batch (`generate(generator=[g_0, ..., g_B-1])`, diffusers' convention).
+
+    Row b's draws come from g_b alone and cover only the row's last `lengths[b]` positions (its real part: a
+    left-padded row starts after its padding), so a row of a padded batch draws exactly what it draws alone, with
+    the same generator; padding positions get zeros (they are given positions and never change)."""
+
+    def __init__(self, generators: list[torch.Generator], lengths: list[int]):
+        if len(generators) != len(lengths):
+            raise ValueError(f"{len(generators)} generators for {len(lengths)} rows")
+        self.generators = list(generators)
+        self.lengths = [int(n) for n in lengths]
+
+    def draw(self, fill, shape: tuple[int, ...], device, dtype: torch.dtype) -> torch.Tensor:
+        """`fill(tensor, generator)` fills a tensor in place (e.g. `Tensor.uniform_`); per row over its real part of
+        a (B, L, ...) tensor of `dtype`."""
+        if len(shape) < 2 or shape[0] != len(self.generators):
+            raise ValueError(f"per-row generators draw (B={len(self.generators)}, L, ...) tensors, got {tuple(shape)}")
+        out = torch.zeros(shape, dtype=dtype, device=device)
+        width = shape[1]
+        for row, (generator, n) in enumerate(zip(self.generators, self.lengths)):
+            if n:
+                fill(out[row, width - n:], generator)  # a contiguous block: the same draws as a (n, ...) tensor
+        return out
+
+
+def draw_rand(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """U[0, 1) draws: `torch.rand`, or per row from `RowGenerators`."""
+    if isinstance(generator, RowGenerators):
+        return generator.draw(lambda x, g: x.uniform_(generator=g), tuple(shape), device, dtype)
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+def draw_randn(shape, generator=None, device=None, dtype=torch.float32) -> torch.Tensor:
+    """N(0, 1) draws: `torch.randn`, or per row from `RowGenerators`."""
+    if isinstance(generator, RowGenerators):
+        return generator.draw(lambda x, g: x.normal_(generator=g), tuple(shape), device, dtype)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def draw_randint(high: int, shape, generator=None, device=None) -> torch.Tensor:
+    """Uniform ids in [0, high): `torch.randint`, or per row from `RowGenerators`."""
+    if isinstance(generator, RowGenerators):
+        return generator.draw(lambda x, g: x.random_(0, high, generator=g), tuple(shape), device, torch.long)
+    return torch.randint(0, high, shape, generator=generator, device=device)
+
+
+def sample_at(probs_of, rows: tuple[torch.Tensor, ...], shape, generator=None, device=None) -> torch.Tensor:
+    """Inverse-CDF draws at the positions `rows` (a `nonzero(as_tuple=True)` into `shape`) from `probs_of(rows)`
+    (N, V): one float64 uniform per position from a plain generator (no draw when N = 0), or, from `RowGenerators`,
+    a uniform at every position of every row (so that a row's stream never depends on the other rows). (N,) ids."""
+    if isinstance(generator, RowGenerators):
+        u = draw_rand(shape, generator, device, torch.float64)[rows]
+    elif rows[0].numel():
+        u = torch.rand(rows[0].numel(), generator=generator, device=device, dtype=torch.float64)
+    else:
+        return rows[0].new_zeros(0)
+    return inverse_cdf(probs_of(rows), u) if rows[0].numel() else rows[0].new_zeros(0)
 
 
 def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -33,6 +33,8 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
+from .functional_dlm import RowGenerators
+
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             after num_steps - 1 steps down to it (the reference loop). See the module docstring.
         noise_removal_eps: the time of the noise-removal call with `final_step="noise_removal"` (1e-5, the
             reference's).
+        stop_at_eos: after sampling, the new tokens that follow the first generated `eos_token_id` become
+            `pad_token_id` (EOS if there is none) in the returned ids, so a conditional model's answer ends at its EOS;
+            None (default) = on when the config has an `eos_token_id`. Appended tokens only (not infilling).
         show_progress: draw a tqdm bar over the steps (off by default).
         output_trajectory: with `return_dict_in_generate`, also return the token draft after every step.
         max_new_tokens, temperature, top_k, top_p, return_dict_in_generate, pad/bos/eos ids: as in transformers.
@@ -68,6 +73,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         self.final_step = kwargs.pop("final_step", self.DEFAULT_FINAL_STEP)
         self.noise_removal_eps = kwargs.pop("noise_removal_eps", 1e-5)
         self.show_progress = kwargs.pop("show_progress", False)
+        self.stop_at_eos = kwargs.pop("stop_at_eos", None)
         self.output_trajectory = kwargs.pop("output_trajectory", False)
         super().__init__(**kwargs)
 
@@ -88,6 +94,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             bad("sampler", f"one of {self.SAMPLERS}")
         if self.final_step not in self.FINAL_STEPS:
             bad("final_step", f"one of {self.FINAL_STEPS}")
+        if self.stop_at_eos is not None and not isinstance(self.stop_at_eos, bool):
+            bad("stop_at_eos", "True, False or None (on when eos_token_id is set)")
         if not (_is_number(self.noise_removal_eps) and 0 < self.noise_removal_eps < 1):
             bad("noise_removal_eps", "a number in (0, 1)")
         if self.temperature is not None and not (_is_number(self.temperature) and self.temperature > 0):
@@ -310,8 +318,12 @@ class DiffusionLMGenerationMixin:
 
         Without `input_ids`, `batch_size` and `max_new_tokens` define an unconditional canvas. Keyword arguments
         update the generation config (`num_steps`, `sampler`, `temperature`, `top_p`, `top_k`, `max_new_tokens`,
-        `return_dict_in_generate`, `output_trajectory`, `show_progress`, ...); `generator` (a torch.Generator) makes
-        sampling reproducible; `infill_mask` (B, L) bool marks positions of `input_ids` to fill instead of appending.
+        `return_dict_in_generate`, `output_trajectory`, `show_progress`, `stop_at_eos`, ...); `generator` (a
+        torch.Generator) makes sampling reproducible, and a list of B generators gives each row its own stream over
+        its real (un-padded) positions, so a row of a left-padded batch samples exactly what it samples alone with its
+        generator; `infill_mask` (B, L) bool marks positions of `input_ids` to fill instead of appending. With
+        `stop_at_eos` (on when the generation config has an `eos_token_id`), new tokens after the first generated EOS
+        are returned as pad.
         A `streamer` receives the prompt via `put`, each step's draft (the whole (1, L) canvas, prompt included) via
         `put_draft` (if it has it), the final new tokens via `put`, then `end()`; when infilling, the prompt is empty
         and the final `put` carries the whole canvas. `TextStreamer` prints the final text; `DraftStreamer` collects
@@ -332,12 +344,16 @@ class DiffusionLMGenerationMixin:
         if unknown:
             raise TypeError(f"generate() got unexpected keyword arguments: {sorted(unknown)}")
         gen.validate()
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+        per_row = isinstance(generator, (list, tuple))
+        if generator is not None and not per_row and not isinstance(generator, torch.Generator):
+            raise TypeError(f"`generator` must be a torch.Generator or a list of them (one per row), got "
+                            f"{type(generator).__name__}")
 
         canvas, given, mask = self._prepare_canvas(input_ids, attention_mask, infill_mask, batch_size,
                                                    gen.max_new_tokens)
         B, L = canvas.shape
+        if per_row:
+            generator = _row_generators(generator, B, L, mask)
         # The streamer's "prompt": the given prefix; when infilling, nothing (the final put carries the whole canvas).
         prompt_len = input_ids.shape[1] if (input_ids is not None and infill_mask is None) else 0
         if streamer is not None:
@@ -353,6 +369,9 @@ class DiffusionLMGenerationMixin:
         finally:
             self.train(was_training)
 
+        if infill_mask is None and self._stops_at_eos(gen):
+            draft = pad_after_eos(draft, canvas.shape[1] - (gen.max_new_tokens or 0), gen.eos_token_id,
+                                  gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id)
         if streamer is not None:
             streamer.put(draft[:, prompt_len:].cpu())
             streamer.end()
@@ -387,6 +406,13 @@ class DiffusionLMGenerationMixin:
                 streamer.put_draft(draft.cpu())
         return draft, trajectory, state
 
+    @staticmethod
+    def _stops_at_eos(gen: DiffusionGenerationConfig) -> bool:
+        stop = getattr(gen, "stop_at_eos", None)
+        if stop and gen.eos_token_id is None:
+            raise ValueError("`stop_at_eos=True` needs an `eos_token_id` in the generation config")
+        return gen.eos_token_id is not None if stop is None else stop
+
     def _step_options(self, gen: DiffusionGenerationConfig) -> dict:
         """The process step's sampler options (hook: RePlaid's DDIM and score temperature)."""
         return {"greedy": gen.sampler == "greedy_tail"}
@@ -402,6 +428,28 @@ class DiffusionLMGenerationMixin:
         state["forward_passes"] += 1
         state["forward_sequences"] += logits.shape[0]
         return filter_logits(process.denoise_logits(logits), gen.temperature, gen.top_k, gen.top_p)
+
+
+def pad_after_eos(ids: torch.Tensor, start: int, eos_token_id, pad_token_id) -> torch.Tensor:
+    """`ids` (B, L) with every position after the first EOS at or after `start` (the first new token) set to
+    `pad_token_id`; the EOS itself and everything before `start` stay. No host sync."""
+    eos = torch.as_tensor(eos_token_id, device=ids.device).reshape(-1)
+    new = ids[:, start:]
+    is_eos = torch.isin(new, eos)
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly before this position
+    pad = int(eos[0]) if pad_token_id is None else int(torch.as_tensor(pad_token_id).reshape(-1)[0])
+    return torch.cat([ids[:, :start], new.masked_fill(after, pad)], dim=1)
+
+
+def _row_generators(generators, batch: int, width: int, mask: torch.Tensor | None) -> RowGenerators:
+    """`RowGenerators` for a canvas (batch, width): each row draws over its positions from its first real one."""
+    if len(generators) != batch or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(f"a list of generators needs one torch.Generator per row: {batch} rows, got "
+                         f"{[type(g).__name__ for g in generators]}")
+    if mask is None:
+        return RowGenerators(list(generators), [width] * batch)
+    first = mask.long().argmax(-1)  # (B,) the first real position (left padding before it)
+    return RowGenerators(list(generators), (width - first).tolist())
 
 
 def sampling_time_grid(gen: DiffusionGenerationConfig, device=None) -> torch.Tensor:

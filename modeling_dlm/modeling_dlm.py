@@ -9,9 +9,12 @@ A variant class adds only what differs: its config, its noise process, its `nelb
 forward pass is the network alone: (token ids | soft token weights | embeddings, noise level) -> logits. Training
 objectives live in `trainers/`; sampling lives in `generation_dlm.py`.
 
-`model.nelbo(input_ids, attention_mask=None, num_time_samples=1, generator=None)` returns the per-sequence NELBO in
-nats per token, an unbiased Monte Carlo estimate of an upper bound on the NLL (one stratified t per sequence,
-averaged over `num_time_samples` draws). It keeps the autograd graph; wrap it in `torch.no_grad()` to evaluate, and
+`model.nelbo(input_ids, attention_mask=None, prompt_mask=None, num_time_samples=1, generator=None, reduction="mean")`
+returns the per-sequence NELBO in nats per token (`reduction="sum"`: nats per sequence), an unbiased Monte Carlo
+estimate of an upper bound on the NLL (one stratified t per sequence, averaged over `num_time_samples` draws). With
+`prompt_mask` (1 on prompt tokens) the prompt is clean context in every network call and the bound is on
+-log p(response | prompt), over the response tokens: conditional (SFT) models are evaluated, and multiple-choice
+answers scored, with it. It keeps the autograd graph; wrap it in `torch.no_grad()` to evaluate, and
 call `model.eval()` first so that dropout is off.
 """
 
@@ -254,12 +257,13 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         network: nn.Module | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> Noised:
         """z_t ~ q(z_t | x) at times t (B,) (`noise_process.add_noise`), then the network's logits on it: the one
         "noise, then network" path that `nelbo` and the Trainers share. `network` is the module to call (the Trainer
-        passes its wrapped model, so that DDP / FSDP see the forward); None: this model. Returns the `Noised` draw
-        with `logits` (B, L, V) set."""
-        noised = self.noise_process.add_noise(input_ids, t, generator=generator)
+        passes its wrapped model, so that DDP / FSDP see the forward); None: this model. `prompt_mask` (B, L): given
+        positions, kept clean (conditional training). Returns the `Noised` draw with `logits` (B, L, V) set."""
+        noised = self.noise_process.add_noise(input_ids, t, generator=generator, fixed=_as_fixed(prompt_mask))
         network = self if network is None else network
         with self.ids_checked():  # z_t is drawn from ids the entry point checked: no range check per training step
             noised.logits = network(**noised.model_inputs, attention_mask=attention_mask).logits
@@ -273,12 +277,14 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         generator: torch.Generator | None = None,
         network: nn.Module | None = None,
         return_noised: bool = False,
+        prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Noised]:
         """NELBO integrand at times t (B,), per position (B, L): the process's bound at one `noised_forward` draw.
-        Training (the Trainer's default objective) and `nelbo` both compute the bound here. `return_noised`: also
+        Training (the Trainer's default objective) and `nelbo` both compute the bound here. With `prompt_mask`, the
+        prompt stays clean and its positions are 0: the bound on -log p(response | prompt). `return_noised`: also
         return the `Noised` draw (the Trainer logs from it)."""
-        noised = self.noised_forward(input_ids, t, attention_mask, generator, network)
-        per_token = self.noise_process.nelbo_per_token(noised.logits, input_ids, noised)
+        noised = self.noised_forward(input_ids, t, attention_mask, generator, network, prompt_mask)
+        per_token = _zero_given(self.noise_process.nelbo_per_token(noised.logits, input_ids, noised), prompt_mask)
         return (per_token, noised) if return_noised else per_token
 
     def check_clean_ids(self, input_ids: torch.LongTensor) -> None:
@@ -289,28 +295,77 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         self,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
         num_time_samples: int = 1,
         generator: torch.Generator | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Per-sequence NELBO in nats per token, shape (B,); see the module docstring."""
+        """Per-sequence NELBO, shape (B,); see the module docstring. `prompt_mask` (B, L), 1 on prompt tokens: the
+        prompt stays clean context and the bound is on -log p(response | prompt), over the response tokens (the
+        positions with attention_mask 1 and prompt_mask 0). `reduction`: `"mean"` nats per (response) token,
+        `"sum"` nats per sequence (the log-likelihood bound that multiple-choice scoring compares)."""
         if not isinstance(num_time_samples, int) or isinstance(num_time_samples, bool) or num_time_samples < 1:
             raise ValueError(f"`num_time_samples` must be a positive integer, got {num_time_samples!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}")
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             attention_mask = torch.as_tensor(attention_mask)
         self._check_batch(input_ids, attention_mask)
+        prompt_mask = check_prompt_mask(prompt_mask, input_ids)
         self.check_clean_ids(input_ids)
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask.to(self.device)
+        scored = response_mask(attention_mask, prompt_mask)
+        if prompt_mask is not None and not bool(scored.any(-1).all()):
+            row = int((~scored.any(-1)).nonzero()[0])
+            raise ValueError(f"sequence {row} has no response tokens: `prompt_mask` covers all of its real tokens")
         total = None
         with self.ids_checked():  # the network only sees noised versions of the checked ids below
             for _ in range(num_time_samples):
                 t = antithetic_times(input_ids.shape[0], generator=generator, device=self.device)
-                per_token = self.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
+                per_token = self.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator,
+                                                 prompt_mask=prompt_mask)
                 total = per_token if total is None else total + per_token
-        return self._reduce_per_sequence(total / num_time_samples, attention_mask)
+        per_token = total / num_time_samples
+        if reduction == "sum":
+            return per_token.sum(-1) if scored is None else (per_token * scored.to(per_token.dtype)).sum(-1)
+        return self._reduce_per_sequence(per_token, scored)
+
+
+def _as_fixed(prompt_mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if prompt_mask is None else prompt_mask.bool()
+
+
+def _zero_given(per_token: torch.Tensor, prompt_mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-position values (B, L) with the prompt's positions set to 0 (they carry no loss)."""
+    return per_token if prompt_mask is None else per_token.masked_fill(prompt_mask.bool(), 0)
+
+
+def response_mask(attention_mask: torch.Tensor | None, prompt_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The positions that carry a loss and a bound, (B, L) bool: real tokens (attention_mask 1) outside the prompt;
+    None when both masks are None (every position)."""
+    if prompt_mask is None:
+        return None if attention_mask is None else attention_mask.bool()
+    response = ~prompt_mask.bool()
+    return response if attention_mask is None else response & attention_mask.bool()
+
+
+def check_prompt_mask(prompt_mask, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """`prompt_mask` as a (B, L) bool tensor of the shape of `input_ids` (ValueError otherwise); None stays None."""
+    if prompt_mask is None:
+        return None
+    prompt_mask = torch.as_tensor(prompt_mask, device=input_ids.device)
+    if tuple(prompt_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"`prompt_mask` must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(prompt_mask.shape)}")
+    if prompt_mask.is_floating_point():
+        raise TypeError(f"`prompt_mask` must hold 0/1 or bool values, got dtype {prompt_mask.dtype}")
+    return prompt_mask.bool()
 
 
 class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
@@ -435,7 +490,8 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
 
     def _build_noise_process(self) -> GaussianEmbeddingProcess:
         return GaussianEmbeddingProcess(self.config.embedding_dim, self.noise_schedule, self.normalized_embeddings,
-                                        bool(self.config.self_conditioning))
+                                        bool(self.config.self_conditioning),
+                                        self.config.given_latent)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -540,21 +596,25 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         self_conditioning: bool = True,
+        prompt_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The three NELBO terms per position, (B, L) each (float64): prior, reconstruction (at t = 0) and the
-        continuous-time diffusion term at t (B,)."""
+        continuous-time diffusion term at t (B,). `prompt_mask`: the prompt holds its clean latent in both network
+        calls, and its positions are 0 in every term."""
         B = input_ids.shape[0]
         process = self.noise_process
+        fixed = _as_fixed(prompt_mask)
         zeros = torch.zeros(B, device=self.device)
         gamma_1, _ = self.noise_schedule(torch.ones(B, device=self.device))
-        noised_0 = process.add_noise(input_ids, zeros, generator=generator)  # z_0 at gamma_0
+        noised_0 = process.add_noise(input_ids, zeros, generator=generator, fixed=fixed)  # z_0 at gamma_0
         prior = process.scheduler.prior_kl(noised_0.aux["embeds"], gamma_1[:, None])
         logits_0 = self._denoise(noised_0.z_t, zeros, attention_mask, self_conditioning)
         recon = -logits_0.float().log_softmax(-1).gather(-1, input_ids[..., None]).squeeze(-1).double()
-        noised_t = process.add_noise(input_ids, t, generator=generator)
+        noised_t = process.add_noise(input_ids, t, generator=generator, fixed=fixed)
         logits_t = self._denoise(noised_t.z_t, t, attention_mask, self_conditioning)
         diffusion = process.nelbo_per_token(logits_t, input_ids, noised_t)  # the diffusion term at t
-        return {"prior": prior, "reconstruction": recon, "diffusion": diffusion}
+        terms = {"prior": prior, "reconstruction": recon, "diffusion": diffusion}
+        return {name: _zero_given(value, prompt_mask) for name, value in terms.items()}
 
     def nelbo_per_token(
         self,
@@ -562,7 +622,8 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         t: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """prior + reconstruction + diffusion per position (B, L), float64, self-conditioning on."""
-        terms = self.nelbo_terms(input_ids, t, attention_mask, generator)
+        """prior + reconstruction + diffusion per position (B, L), float64, self-conditioning on; 0 on the prompt."""
+        terms = self.nelbo_terms(input_ids, t, attention_mask, generator, prompt_mask=prompt_mask)
         return terms["prior"] + terms["reconstruction"] + terms["diffusion"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .functional_dlm import DiscreteProcess, as_column, sample_from_probs
+from .functional_dlm import DiscreteProcess, as_column, draw_rand, sample_at
 
 
 def drop_mask_logit(logits: torch.Tensor, mask_token_id: int, inplace: bool = False) -> torch.Tensor:
@@ -98,12 +98,13 @@ class AbsorbingStateScheduler:
         a_s = as_column(alpha_s, z_t, torch.float64)
         p_unmask = ((a_s - a_t) / (1 - a_t)).expand(z_t.shape)  # (B, L)
         masked = z_t == self.mask_token_id
-        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        u = draw_rand(z_t.shape, generator, z_t.device, torch.float64)
         reveal = masked & (u < p_unmask)
         z_s = z_t.clone()
         rows = reveal.nonzero(as_tuple=True)
+        draws = sample_at(x_hat_rows, rows, z_t.shape, generator, z_t.device)
         if rows[0].numel():
-            z_s[rows] = sample_from_probs(x_hat_rows(rows), generator)
+            z_s[rows] = draws
         return z_s
 
     @staticmethod

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional_dlm import Noised, softmax_matmul
+from .functional_dlm import Noised, draw_randn, softmax_matmul
 from .noise_schedules import gaussian_alpha_sigma
 
 
@@ -31,7 +31,7 @@ class GaussianEmbeddingScheduler:
         self.embedding_dim = embedding_dim
 
     def prior_sample(self, shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
-        return torch.randn(*shape, self.embedding_dim, generator=generator, device=device)
+        return draw_randn((*shape, self.embedding_dim), generator, device)
 
     @staticmethod
     def _col(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -42,10 +42,18 @@ class GaussianEmbeddingScheduler:
     ) -> torch.Tensor:
         """z_t = alpha e + sigma eps for embeds (B, L, d) and gamma (B,); returns float32 (B, L, d)."""
         if noise is None:
-            noise = torch.randn(embeds.shape, generator=generator, device=embeds.device)
+            noise = draw_randn(embeds.shape, generator, embeds.device)
         alpha, sigma = gaussian_alpha_sigma(gamma)
         alpha, sigma = self._col(alpha, embeds.dim()), self._col(sigma, embeds.dim())
         return (alpha * embeds.double() + sigma * noise.double()).float()
+
+    def clean_latent(self, embeds: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """The latent of a given (never corrupted) token at the level gamma (B,): its embedding times
+        sqrt(alpha^2 + d_e sigma^2), which the network's input normalisation (z / sqrt(alpha^2 / d_e + sigma^2)) maps
+        to sqrt(d_e) e at every t, so a prompt is the same clean input at every noise level. (B, L, d) float32."""
+        alpha, sigma = gaussian_alpha_sigma(gamma)
+        scale = torch.sqrt(alpha**2 + embeds.shape[-1] * sigma**2)
+        return (self._col(scale, embeds.dim()) * embeds.double()).float()
 
     def prior_kl(self, embeds: torch.Tensor, gamma_1: torch.Tensor) -> torch.Tensor:
         """KL(N(alpha_1 e, sigma_1^2 I) || N(0, I)) summed over the embedding dims; (B, L), float64."""
@@ -85,7 +93,7 @@ class GaussianEmbeddingScheduler:
         if ddim:
             return (a_s * e_hat + s_s * eps_hat).float()
         c = self._col(-torch.expm1(gamma_s.double() - gamma_t.double()), nd)
-        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float64)
+        noise = draw_randn(z.shape, generator, z.device, torch.float64)
         z_s = (1 - c) * (a_s / a_t) * z + c * a_s * e_hat + torch.sqrt(c * (1 - a_s**2)) * noise
         return z_s.float()
 
@@ -115,22 +123,32 @@ class GaussianEmbeddingProcess:
     """RePlaid's process as one object, behind the interface of `functional_dlm` (see its docstring). It owns its
     time parameterisation through references to the model's parts: `schedule`, the learned gamma(t) module
     (t (B,) -> (gamma, gamma'), float64), and `embeddings`, a callable returning the unit-norm E (V, d_e). The model
-    builds it on every `model.noise_process` access, so it always sees the current (resized, LoRA-wrapped) parts."""
+    builds it on every `model.noise_process` access, so it always sees the current (resized, LoRA-wrapped) parts.
+    Given positions (`fixed`): in `add_noise` (training, the bound) they hold their clean latent
+    (`GaussianEmbeddingScheduler.clean_latent`); in sampling (`fix`), `given_latent` decides: `"clean"` the same (for
+    a model trained conditionally), `"noised"` the forward-noised true embedding at the step's level (the replacement
+    method, for a model trained on whole sequences only)."""
 
-    def __init__(self, embedding_dim: int, schedule, embeddings, self_conditioning: bool = True):
+    def __init__(self, embedding_dim: int, schedule, embeddings, self_conditioning: bool = True,
+                 given_latent: str = "noised"):
         self.scheduler = GaussianEmbeddingScheduler(embedding_dim)
         self.schedule = schedule
         self.embeddings = embeddings
         self.self_conditioning = self_conditioning
+        self.given_latent = given_latent
 
     def prior_sample(self, shape: tuple[int, ...], generator=None, device=None) -> GaussianLatent:
         return GaussianLatent(self.scheduler.prior_sample(shape, generator=generator, device=device))
 
-    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> Noised:
-        """z_t = alpha_t E[x0] + sigma_t eps at times t (B,); the network's inputs carry no self-conditioning."""
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None,
+                  fixed: torch.Tensor | None = None) -> Noised:
+        """z_t = alpha_t E[x0] + sigma_t eps at times t (B,), the `fixed` (B, L) positions at their clean latent; the
+        network's inputs carry no self-conditioning."""
         gamma, dgamma = self.schedule(t)  # (B,) float64 each
         embeds = self.embeddings()[x0]  # (B, L, d_e)
         z_t = self.scheduler.add_noise(embeds, gamma, generator=generator)
+        if fixed is not None:
+            z_t = torch.where(fixed[..., None], self.scheduler.clean_latent(embeds, gamma), z_t)
         return Noised(z_t, {"noisy_embeds": z_t, "t": t}, {"gamma": gamma, "dgamma": dgamma, "embeds": embeds})
 
     def model_inputs(self, z: GaussianLatent, t: torch.Tensor) -> dict:
@@ -168,13 +186,19 @@ class GaussianEmbeddingProcess:
 
     def fix(self, z: GaussianLatent, x0: torch.Tensor, fixed: torch.Tensor, t: torch.Tensor | None = None, *,
             generator: torch.Generator | None = None, final: bool = False) -> GaussianLatent:
-        """Given tokens: their decode is x0, and (after every step but the last; not at the prior, t=None) their latent
-        is the forward-noised true embedding at time t."""
+        """Given tokens: their decode is x0, and (not after the last step) their latent is, with
+        `given_latent="clean"`, the clean latent at the next call's time t (t = 1 at the prior, t=None); with
+        `"noised"`, the forward-noised true embedding at time t (after every step; the prior is left as drawn)."""
         tokens = None if z.tokens is None else torch.where(fixed, x0, z.tokens)
-        if t is None or final:
+        clean = self.given_latent == "clean"
+        if final or (t is None and not clean):
             return GaussianLatent(z.z, tokens, z.embeds_hat)
-        gamma, _ = self.schedule(t.expand(x0.shape[0]))
-        given = self.scheduler.add_noise(self.embeddings()[x0], gamma, generator=generator)
+        B = x0.shape[0]
+        t = torch.ones(B, dtype=torch.float64, device=x0.device) if t is None else t.expand(B)
+        gamma, _ = self.schedule(t)
+        embeds = self.embeddings()[x0]
+        given = self.scheduler.clean_latent(embeds, gamma) if clean else \
+            self.scheduler.add_noise(embeds, gamma, generator=generator)
         return GaussianLatent(torch.where(fixed[..., None], given, z.z), tokens, z.embeds_hat)
 
     def tokens(self, z: GaussianLatent) -> torch.Tensor:

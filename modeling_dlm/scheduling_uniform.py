@@ -21,7 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from .functional_dlm import DiscreteProcess, as_column, row_chunks, sample_from_probs, softmax_gather
+from .functional_dlm import (
+    DiscreteProcess,
+    as_column,
+    draw_rand,
+    draw_randint,
+    row_chunks,
+    sample_at,
+    softmax_gather,
+)
 
 
 def _mixture_components(u: torch.Tensor, w_copy: torch.Tensor, w_x_hat: torch.Tensor, w_uniform: torch.Tensor):
@@ -46,7 +54,7 @@ class UniformStateScheduler:
 
     # ---- prior and forward process -------------------------------------------------------------------------------
     def prior_sample(self, shape: tuple[int, ...], generator=None, device=None) -> torch.Tensor:
-        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
+        return draw_randint(self.vocab_size, shape, generator, device)
 
     def add_noise(
         self, x0: torch.Tensor, alpha_t: torch.Tensor | float, generator: torch.Generator | None = None
@@ -117,13 +125,14 @@ class UniformStateScheduler:
     def _mixture_step(self, x_hat_z, x_hat_rows, z_t, alpha_t, alpha_s, generator) -> torch.Tensor:
         """The three-part mixture draw; `x_hat_rows(rows)` returns x_hat (N, V) at the N positions that pick it."""
         w_copy, w_x_hat, w_uniform = self.mixture_weights(x_hat_z, alpha_t, alpha_s)
-        u = torch.rand(z_t.shape, generator=generator, device=z_t.device, dtype=torch.float64)
+        u = draw_rand(z_t.shape, generator, z_t.device, torch.float64)
         pick_copy, pick_x_hat, pick_uniform = _mixture_components(u, w_copy, w_x_hat, w_uniform)
         z_s = z_t.clone()
         rows = pick_x_hat.nonzero(as_tuple=True)
+        draws = sample_at(x_hat_rows, rows, z_t.shape, generator, z_t.device)
         if rows[0].numel():
-            z_s[rows] = sample_from_probs(x_hat_rows(rows), generator)
-        uniform = torch.randint(0, self.vocab_size, z_t.shape, generator=generator, device=z_t.device)
+            z_s[rows] = draws
+        uniform = draw_randint(self.vocab_size, z_t.shape, generator, z_t.device)
         return torch.where(pick_uniform, uniform, z_s)
 
     # ---- ELBO ----------------------------------------------------------------------------------------------------

@@ -82,9 +82,11 @@ def test_logged_loss_is_the_mean_over_ranks(ddp_reports):
     for step, entry in logged.items():
         per_rank = [[rec["loss"] for rec in report["records"] if rec["step"] == step] for report in ddp_reports]
         assert [len(losses) for losses in per_rank] == [2, 2]  # two accumulation micro-batches per rank
-        rank_means = [sum(losses) / 2 for losses in per_rank]
-        assert abs(rank_means[0] - rank_means[1]) > 1e-3  # the ranks' losses differ, so the check below can fail
-        expected = sum(rank_means) / 2
+        # each micro-batch's loss is its token mean scaled by its share of the step's tokens (here 1/4) times the 2
+        # ranks that average gradients: a rank's two values sum to its share of the global token mean
+        rank_sums = [sum(losses) for losses in per_rank]
+        assert abs(rank_sums[0] - rank_sums[1]) > 1e-3  # the ranks' losses differ, so the check below can fail
+        expected = sum(rank_sums) / 2
         assert entry["loss"] == pytest.approx(expected, rel=1e-5)
         assert entry["nelbo"] == pytest.approx(expected, abs=1e-4)  # loss components: averaged across ranks too
     # every rank logged the same (reduced) values

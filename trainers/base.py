@@ -8,7 +8,13 @@ loss and a dict of components to log) and, for a richer plan than the times t, `
   disjoint slices of one evenly spaced grid (methods.md §B.3.1), from generators derived from (seed, step), so a
   resumed run redraws exactly the same t and noise;
 - calls the network through the (possibly DDP/FSDP-wrapped) `model`, and the noise process through the unwrapped one;
-- returns a per-token mean, so `loss_is_scaled_for_ga = False` lets the Trainer divide by the accumulation steps;
+- takes conditional (SFT) batches: a `prompt_mask` column (1 on prompt tokens, `trainers.data.build_sft_datasets`)
+  reaches the objective as `diffusion_loss(..., prompt_mask=...)`; every process keeps the prompt clean at every t
+  and the loss counts response tokens only;
+- weighs every loss token of the optimizer step equally: each micro-batch's per-token mean is scaled by its share of
+  the step's loss tokens (`num_items_in_batch`: real tokens outside the prompt, summed over the accumulation
+  micro-batches and, with `average_tokens_across_devices`, over ranks), so responses of different lengths,
+  accumulation and ranks give one global token mean (`loss_is_scaled_for_ga = True`);
 - evaluates the NELBO (a true bound, never the training loss) token-weighted over the whole eval set:
   `eval_loss` = `eval_nelbo` (nats/token), plus `eval_ppl_bound` = exp(eval_nelbo), `eval_bpd` and `eval_tokens`;
 - keeps an optional EMA (`ema_decay`) that is saved with checkpoints and swapped in for evaluation and `save_model`;
@@ -30,6 +36,7 @@ import torch
 from transformers import Trainer
 
 from modeling_dlm.generation_dlm import check_token_ids
+from modeling_dlm.modeling_dlm import check_prompt_mask, response_mask
 from modeling_dlm.noise_schedules import antithetic_times
 
 from .arguments import DiffusionTrainingArguments
@@ -118,8 +125,15 @@ def _mix(*numbers: int) -> int:
     return x & 0x7FFFFFFFFFFFFFFF
 
 
+def loss_tokens(inputs) -> torch.Tensor:
+    """The number of positions of a batch that carry a loss: real tokens outside the prompt (a 0-d tensor)."""
+    input_ids = inputs["input_ids"]
+    mask = response_mask(inputs.get("attention_mask"), inputs.get("prompt_mask"))
+    return torch.tensor(input_ids.numel(), device=input_ids.device) if mask is None else mask.sum()
+
+
 class DiffusionTrainer(Trainer):
-    loss_is_scaled_for_ga = False  # compute_loss returns a per-token mean of its micro-batch
+    loss_is_scaled_for_ga = True  # compute_loss scales each micro-batch by its share of the step's loss tokens
     #: the `model_type`s this trainer's objective is for (None: any dlm model, with its own `nelbo_per_token`)
     model_types: tuple[str, ...] | None = None
 
@@ -184,14 +198,25 @@ class DiffusionTrainer(Trainer):
                                 antithetic=self.args.antithetic_time)
 
     # ---- training ---------------------------------------------------------------------------------------------------
-    def _batch(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _batch(self, inputs) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(input_ids, attention_mask or None without padding, prompt_mask (bool) or None)."""
         if "input_ids" not in inputs:
             raise ValueError(f"batches need an `input_ids` column, got keys {sorted(inputs)}")
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        return input_ids, attention_mask
+        return input_ids, attention_mask, check_prompt_mask(inputs.get("prompt_mask"), input_ids)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
+        """The optimizer step's loss tokens (real tokens outside the prompt) over its micro-batches, summed over ranks
+        with `average_tokens_across_devices` (the Trainer counts `labels`, which diffusion batches do not have)."""
+        if not batch_samples or not all("input_ids" in batch for batch in batch_samples):
+            return None
+        count = sum(loss_tokens(batch).to(device) for batch in batch_samples)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return count
 
     def _check_token_ids(self, input_ids, unwrapped) -> None:
         """Ids outside the model's vocabulary (a tokenizer that does not match the model) fail with a ValueError. One
@@ -204,14 +229,23 @@ class DiffusionTrainer(Trainer):
             unwrapped.check_clean_ids(input_ids)  # e.g. MDLM: no mask token in clean data
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids, attention_mask = self._batch(inputs)
+        """The objective's per-token mean of this micro-batch; inside a training step (`num_items_in_batch` given)
+        scaled by this micro-batch's share of the step's loss tokens (times the ranks that average gradients), so
+        that the step's gradient is that of the global token mean."""
+        input_ids, attention_mask, prompt_mask = self._batch(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
         if not self._train_ids_checked:
             self._check_token_ids(input_ids, unwrapped)
             self._train_ids_checked = True
         shared, local, micro = self._generators(input_ids.device)
         plan = self.batch_plan(input_ids.shape[0], input_ids.device, shared, micro)
-        loss, components = self.diffusion_loss(model, unwrapped, input_ids, attention_mask, plan, local)
+        extra = {} if prompt_mask is None else {"prompt_mask": prompt_mask}  # a variant without SFT support: as before
+        loss, components = self.diffusion_loss(model, unwrapped, input_ids, attention_mask, plan, local, **extra)
+        if num_items_in_batch is not None:
+            share = loss_tokens(inputs).to(loss.device, torch.float32) / torch.as_tensor(
+                num_items_in_batch, device=loss.device, dtype=torch.float32).clamp(min=1)
+            averaged = self.args.world_size if self.args.average_tokens_across_devices else 1
+            loss = loss * (share * averaged)
         if model.training and self.args.nan_guard and not bool(torch.isfinite(loss.detach())):
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in components.items())
             t = plan if isinstance(plan, torch.Tensor) else plan.t
@@ -230,13 +264,15 @@ class DiffusionTrainer(Trainer):
         (`sample_times`) by default; a variant may return a richer plan (RePlaid: `RePlaidBatchPlan`)."""
         return self.sample_times(batch_size, device, shared, micro)
 
-    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
-        """Objective hook: returns (scalar loss, {name: float tensor to log}). The default is the NELBO: the masked
+    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator, prompt_mask=None):
+        """Objective hook: returns (scalar loss, {name: float tensor to log}), a mean over the loss tokens
+        (`response_mask(attention_mask, prompt_mask)`). `prompt_mask` (B, L) bool, given for conditional batches
+        only: those positions stay clean in every process and carry no loss. The default is the NELBO: the masked
         token mean of the model's `nelbo_per_token` (the path `model.nelbo` takes), with the network called through
         the wrapped `model`; `noised_stats` adds what a variant logs from the draw."""
         per_token, noised = unwrapped.nelbo_per_token(input_ids, t, attention_mask, generator, network=model,
-                                                      return_noised=True)  # (B, L)
-        loss = masked_mean(per_token, attention_mask)
+                                                      return_noised=True, prompt_mask=prompt_mask)  # (B, L)
+        loss = masked_mean(per_token, response_mask(attention_mask, prompt_mask))
         return loss, {"nelbo": loss.detach(), **self.noised_stats(noised)}
 
     def noised_stats(self, noised) -> dict[str, torch.Tensor]:
@@ -256,7 +292,7 @@ class DiffusionTrainer(Trainer):
         """Returns (batch NELBO, per-sequence [NELBO sum, real tokens] (B, 2), None). The per-sequence sums travel as
         "logits" so that the evaluation loop gathers them across ranks with `gather_for_metrics`, which drops the
         samples a distributed sampler repeats to even out the last batch."""
-        input_ids, attention_mask = self._batch(inputs)
+        input_ids, attention_mask, prompt_mask = self._batch(inputs)
         unwrapped = self.accelerator.unwrap_model(model)
         self._eval_batches += 1  # `nelbo_batch_sums` checks this batch's ids
         generator = torch.Generator(device=input_ids.device).manual_seed(
@@ -264,7 +300,8 @@ class DiffusionTrainer(Trainer):
         )
         nll, tokens = nelbo_batch_sums(unwrapped, input_ids, attention_mask,
                                        num_time_samples=self.args.eval_num_time_samples,
-                                       eps=self.args.sampling_eps, generator=generator, per_sequence=True)
+                                       eps=self.args.sampling_eps, generator=generator, per_sequence=True,
+                                       prompt_mask=prompt_mask)
         sums = torch.stack([nll, tokens], dim=-1)  # (B, 2), float64
         return (nll.sum() / tokens.sum().clamp(min=1)).float().detach(), sums, None
 

@@ -46,6 +46,17 @@ class DataArguments:
         metadata={"help": "'builtin' (offline corpus), a Hub dataset name, or a local .txt/.jsonl/.parquet/.arrow "
                           "file or folder."},
     )
+    task: str = field(
+        default="lm",
+        metadata={"help": "'lm': model whole texts; 'sft': prompt -> response rows (`prompt` and `response` "
+                          "columns, or `messages` rendered with the tokenizer's chat template): the prompt stays "
+                          "clean, the loss and the bound count the response (and its trailing EOS) only."},
+    )
+    sft_fill: str = field(
+        default="eos",
+        metadata={"help": "--task sft: what fills the canvas after the response's EOS: 'eos' (trained, LLaDA's "
+                          "recipe) or 'pad' (masked out)."},
+    )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     seq_len: int = field(default=128, metadata={"help": "Sequence length of every training example."})
@@ -87,9 +98,26 @@ def _positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out + argv
 
 
+TASKS = ("lm", "sft")
+
+
+def _check_task(data_args: DataArguments) -> None:
+    if data_args.task not in TASKS:
+        raise ValueError(f"--task must be one of {TASKS}, got {data_args.task!r}")
+    if data_args.task == "sft" and data_args.streaming:
+        raise ValueError("--task sft reads map-style data (dropped rows are counted); drop --streaming")
+
+
 def _datasets(data_args: DataArguments, tokenizer, **overrides):
     """(train, eval) datasets from the data flags; `overrides` replace individual build_datasets arguments."""
-    from trainers.data import build_datasets
+    from trainers.data import build_datasets, build_sft_datasets
+
+    _check_task(data_args)
+    if data_args.task == "sft":
+        return build_sft_datasets(data_args.dataset, tokenizer, data_args.seq_len,
+                                  dataset_config=data_args.dataset_config, fill=data_args.sft_fill,
+                                  num_proc=data_args.num_proc, max_train_samples=data_args.max_train_samples,
+                                  max_eval_samples=data_args.max_eval_samples)
 
     kwargs = dict(dataset_config=data_args.dataset_config, text_column=data_args.text_column,
                   num_proc=data_args.num_proc, streaming=data_args.streaming,
@@ -276,6 +304,15 @@ def _resume_target(value: str | None) -> str | bool | None:
     return value
 
 
+def _prepare_for_task(model, data_args: DataArguments) -> None:
+    """SFT of RePlaid trains prompts as clean latents, so its checkpoint samples with `given_latent="clean"`."""
+    config = model.config
+    if data_args.task == "sft" and getattr(config, "model_type", None) == "replaid" and \
+            config.given_latent != "clean":
+        logger.info("--task sft: RePlaid's given tokens become clean latents in sampling (config.given_latent)")
+        config.given_latent = "clean"
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args,
           lora_args: LoraArguments | None = None) -> int:
     from transformers import Trainer, TrainingArguments, set_seed
@@ -298,11 +335,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
         if config.vocab_size != len(tokenizer):
             raise ValueError(f"--init_from {model_args.init_from} has vocab_size {config.vocab_size} but the "
                              f"tokenizer has {len(tokenizer)} tokens")
+    _check_task(data_args)
+    if data_args.task == "sft" and variant == "ar":
+        raise ValueError("--task sft is for the diffusion variants (the AR baseline trains on whole texts here)")
     train_ds, eval_ds = _datasets(data_args, tokenizer)
     if model_args.init_from:
         model = load_model(model_args.init_from)
     else:
         model = build_model(variant, tokenizer=tokenizer, seq_len=data_args.seq_len, **body)
+    _prepare_for_task(model, data_args)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("variant %s: %.2fM parameters, %d train / %s eval examples of %d tokens", variant, n_params / 1e6,
                 len(train_ds) if hasattr(train_ds, "__len__") else -1,
@@ -383,10 +424,22 @@ def cmd_eval(argv: list[str]) -> int:
     max_len = getattr(model.config, "max_position_embeddings", data_args.seq_len)
     if data_args.seq_len > max_len:
         raise ValueError(f"--seq_len {data_args.seq_len} exceeds the model's max_position_embeddings {max_len}")
-    text, split = load_eval_text(data_args.dataset, data_args.dataset_config, split=eval_args.split,
-                                 text_column=data_args.text_column)
-    dataset, counts = tokenize_for_eval(text, tokenizer, data_args.seq_len, data_args.mode,
-                                        text_column=data_args.text_column)
+    _check_task(data_args)
+    if data_args.task == "sft":
+        from trainers.data import load_sft_eval
+
+        if not hasattr(model, "nelbo_per_token"):
+            raise ValueError("--task sft evaluates the conditional bound of a diffusion model")
+        dataset, sft_counts = load_sft_eval(data_args.dataset, tokenizer, data_args.seq_len, split=eval_args.split,
+                                            fill=data_args.sft_fill)
+        split = eval_args.split or "whole file"
+        counts = {"lines": sft_counts["rows"], "documents": sft_counts["kept"], "rows": sft_counts["kept"],
+                  "text_tokens": sft_counts["response_tokens"]}
+    else:
+        text, split = load_eval_text(data_args.dataset, data_args.dataset_config, split=eval_args.split,
+                                     text_column=data_args.text_column)
+        dataset, counts = tokenize_for_eval(text, tokenizer, data_args.seq_len, data_args.mode,
+                                            text_column=data_args.text_column)
     if data_args.max_eval_samples is not None:
         if data_args.max_eval_samples < 1:
             raise ValueError(f"--max_eval_samples must be >= 1, got {data_args.max_eval_samples}")
@@ -419,7 +472,7 @@ def cmd_eval(argv: list[str]) -> int:
     result.update({"model": eval_args.model_dir, "dataset": data_args.dataset, "split": split,
                    "lines": counts["lines"], "documents": counts["documents"], "text_tokens": counts["text_tokens"],
                    "rows": len(dataset), "rows_total": counts["rows"], "max_eval_samples": data_args.max_eval_samples,
-                   "seq_len": data_args.seq_len, "mode": data_args.mode,
+                   "seq_len": data_args.seq_len, "mode": data_args.mode, "task": data_args.task,
                    "num_time_samples": eval_args.num_time_samples,
                    "seconds": round(time.time() - start, 2)})
     print(json.dumps(result))
@@ -431,6 +484,11 @@ def cmd_eval(argv: list[str]) -> int:
 class GenerateArguments:
     model_dir: str = field(metadata={"help": "Checkpoint folder (or Hub repo id)."})
     prompt: str | None = field(default=None, metadata={"help": "Text prefix (default: unconditional)."})
+    chat: bool = field(default=False, metadata={"help": "Send --prompt as a user turn: rendered with the tokenizer's "
+                                                         "chat template (with the assistant cue) when it has one, "
+                                                         "else in the plain 'role: content' form SFT uses."})
+    stop_at_eos: bool | None = field(default=None, metadata={"help": "End each sample at its first generated EOS "
+                                                                      "(default: on when the model has an EOS id)."})
     num_samples: int = field(default=1, metadata={"help": "Number of samples."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate per sample."})
     num_steps: int | None = field(default=None, metadata={"help": "Denoising steps (default: generation config)."})
@@ -460,13 +518,18 @@ def cmd_generate(argv: list[str]) -> int:
         raise ValueError(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
     model = load_model(args.model_dir, args.device)
     tokenizer = load_tokenizer(args.model_dir, model)
-    kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "final_step", "temperature", "top_p", "top_k")
-              if getattr(args, k) is not None}
+    kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "final_step", "temperature", "top_p", "top_k",
+                                            "stop_at_eos") if getattr(args, k) is not None}
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     input_ids = None
+    if args.chat and not args.prompt:
+        raise ValueError("--chat needs --prompt (the user's turn)")
     if args.prompt:
-        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-        if tokenizer.bos_token_id is not None:
+        from trainers.data import render_chat
+
+        text = render_chat([{"role": "user", "content": args.prompt}], tokenizer) if args.chat else args.prompt
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
             ids = [tokenizer.bos_token_id] + ids
         input_ids = torch.tensor([ids] * args.num_samples, device=model.device)
     out = model.generate(input_ids=input_ids, batch_size=None if args.prompt else args.num_samples,

@@ -760,3 +760,244 @@ def tokenize_for_eval(
     if not input_ids:
         raise ValueError(f"the evaluation text has no tokens ({len(texts)} rows, all blank)")
     return datasets.Dataset.from_dict({"input_ids": input_ids, "attention_mask": attention_mask}), stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditional (SFT) data: prompt -> response
+# ----------------------------------------------------------------------------------------------------
+
+SFT_FILLS = ("eos", "pad")
+# Turns of a `messages` row when the tokenizer has no chat template: "{role}: {content}\n" each, and the prompt ends
+# with the assistant's "assistant: " cue (the response follows it).
+PLAIN_TURN = "{role}: {content}\n"
+_SFT_KEPT, _SFT_NO_ROOM, _SFT_TOO_LONG = 0, 1, 2
+# `datasets` hashes module functions by name, not code: bump this when the SFT encoding changes, so that cached maps
+# of an older encoding are not reused
+_SFT_FORMAT = "v1"
+
+
+def _check_messages(messages: Any, row: int) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"SFT row {row}: `messages` must be a non-empty list of {{'role', 'content'}}, got "
+                         f"{type(messages).__name__}")
+    for turn in messages:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or \
+                not isinstance(turn.get("content"), str):
+            raise ValueError(f"SFT row {row}: every turn needs string 'role' and 'content', got {turn!r}")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"SFT row {row}: the last turn is the response and must be the assistant's, got role "
+                         f"{messages[-1]['role']!r}")
+    return messages
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The prompt text of `messages` (every turn, then the cue for the assistant's answer): the tokenizer's chat
+    template with `add_generation_prompt=True` when it has one, else `PLAIN_TURN` per turn and "assistant: "."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(PLAIN_TURN.format(**turn) for turn in messages) + "assistant: "
+
+
+def split_conversation(messages: Any, tokenizer: PreTrainedTokenizerBase, row: int = 0) -> tuple[str, str]:
+    """(prompt text, response text) of one `messages` row: the last assistant turn is the response, every earlier
+    turn the prompt (rendered by `render_chat`). With a chat template the response is what the template renders
+    after the prompt for that turn (its end-of-turn marker included), checked to extend the prompt."""
+    messages = _check_messages(messages, row)
+    prompt = render_chat(messages[:-1], tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt, messages[-1]["content"]
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError(f"SFT row {row}: the chat template renders the conversation without the generation prompt "
+                         f"as a prefix ({prompt[-40:]!r} ...), so the response cannot be separated")
+    return prompt, full[len(prompt):]
+
+
+def _encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase, bos: int) -> list[int]:
+    """Prompt ids framed like training text: BOS first (unless the rendered text already starts with it)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return ids if ids[:1] == [bos] else [bos, *ids]
+
+
+def encode_sft_example(prompt_ids: list[int], response_ids: list[int], seq_len: int, *, eos: int, pad: int,
+                       fill: str = "eos") -> tuple[dict[str, list[int]] | None, int]:
+    """One canvas of `seq_len`: prompt, response, EOS, then the fill; returns (row or None, status).
+
+    `fill="eos"` (default): EOS up to `seq_len`, every position real (attention 1) and, outside the prompt, trained
+    (LLaDA's SFT recipe: the model learns to end a response and to fill the rest of a fixed canvas with EOS, so a
+    generation canvas longer than the answer ends in EOS); `fill="pad"`: the pad id with attention 0, untrained. A
+    row that does not fit is not truncated: status 1 if the prompt leaves no room for a response and its EOS, 2 if
+    the response (with its EOS) does not fit after the prompt."""
+    if fill not in SFT_FILLS:
+        raise ValueError(f"`fill` must be one of {SFT_FILLS}, got {fill!r}")
+    if len(prompt_ids) + 1 >= seq_len:
+        return None, _SFT_NO_ROOM
+    used = len(prompt_ids) + len(response_ids) + 1
+    if used > seq_len:
+        return None, _SFT_TOO_LONG
+    rest = seq_len - used
+    input_ids = [*prompt_ids, *response_ids, eos] + [eos if fill == "eos" else pad] * rest
+    attention = [1] * used + [1 if fill == "eos" else 0] * rest
+    prompt_mask = [1] * len(prompt_ids) + [0] * (seq_len - len(prompt_ids))
+    return {"input_ids": input_ids, "attention_mask": attention, "prompt_mask": prompt_mask}, _SFT_KEPT
+
+
+def sft_columns(columns: list[str] | None, source: str = "dataset") -> str:
+    """'messages' or 'prompt_response': which SFT layout `columns` hold (ValueError naming them otherwise)."""
+    columns = list(columns or [])
+    if "messages" in columns:
+        return "messages"
+    if "prompt" in columns and "response" in columns:
+        return "prompt_response"
+    raise ValueError(f"SFT data {source!r} needs `prompt` and `response` columns or a `messages` column; it has "
+                     f"{columns}")
+
+
+def _sft_batch(batch: dict[str, list[Any]], indices: list[int], *, tokenizer, seq_len: int, layout: str, bos: int,
+               eos: int, pad: int, fill: str, version: str) -> dict[str, list[Any]]:
+    if layout == "messages":
+        pairs = [split_conversation(m, tokenizer, i) for m, i in zip(batch["messages"], indices)]
+    else:
+        pairs = []
+        for prompt, response, i in zip(batch["prompt"], batch["response"], indices):
+            if not isinstance(prompt, str) or not isinstance(response, str):
+                raise ValueError(f"SFT row {i}: `prompt` and `response` must be strings, got "
+                                 f"{type(prompt).__name__} and {type(response).__name__}")
+            pairs.append((prompt, response))
+    out: dict[str, list[Any]] = {"input_ids": [], "attention_mask": [], "prompt_mask": [], "sft_status": [],
+                                 "sft_scored": []}
+    empty = [0] * seq_len
+    for prompt, response in pairs:
+        prompt_ids = _encode_prompt(prompt, tokenizer, bos)
+        response_ids = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"] if response else []
+        row, status = encode_sft_example(prompt_ids, response_ids, seq_len, eos=eos, pad=pad, fill=fill)
+        row = row or {"input_ids": empty, "attention_mask": empty, "prompt_mask": empty}
+        for key, value in row.items():
+            out[key].append(value)
+        out["sft_status"].append(status)
+        out["sft_scored"].append(sum(a and not p for a, p in zip(row["attention_mask"], row["prompt_mask"])))
+    return out
+
+
+def tokenize_sft_dataset(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, *,
+                         fill: str = "eos", num_proc: int | None = None, source: str = "dataset"
+                         ) -> tuple[datasets.Dataset, dict[str, int]]:
+    """Prompt/response (or `messages`) rows -> canvases of `seq_len` with `input_ids`, `attention_mask` and
+    `prompt_mask` (1 on prompt tokens), as `encode_sft_example` builds them. Rows that do not fit are dropped and
+    counted (logged, and returned: {"rows", "kept", "no_room", "too_long", "response_tokens"}); ValueError if none is
+    left."""
+    if fill not in SFT_FILLS:
+        raise ValueError(f"`fill` must be one of {SFT_FILLS}, got {fill!r}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 3:
+        raise ValueError(f"seq_len must be an int >= 3 for SFT (BOS, a response token, EOS), got {seq_len!r}")
+    if isinstance(dataset, datasets.IterableDataset):
+        raise ValueError("SFT data must be a map-style dataset (dropped rows are counted); load it without streaming")
+    layout = sft_columns(dataset.column_names, source)
+    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if fill == "pad" and tokenizer.pad_token_id is None:
+        raise ValueError("fill='pad' needs a tokenizer with a pad token; call prepare_tokenizer(tokenizer) first")
+    if len(dataset) == 0:
+        raise ValueError(f"SFT data {source!r} has no rows")
+    tokenized = dataset.map(
+        _sft_batch, batched=True, with_indices=True, remove_columns=dataset.column_names, num_proc=num_proc,
+        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "layout": layout, "bos": bos, "eos": eos, "pad": pad,
+                   "fill": fill, "version": _SFT_FORMAT},
+        desc=f"Tokenizing SFT ({layout}, seq_len={seq_len})",
+    )
+    status = list(tokenized["sft_status"])
+    stats = {"rows": len(status), "kept": status.count(_SFT_KEPT), "no_room": status.count(_SFT_NO_ROOM),
+             "too_long": status.count(_SFT_TOO_LONG)}
+    dropped = stats["rows"] - stats["kept"]
+    if dropped:
+        logger.warning("SFT data %r: dropped %d of %d examples that do not fit seq_len=%d (%d prompts leave no room "
+                       "for a response, %d responses are too long); none is truncated", source, dropped,
+                       stats["rows"], seq_len, stats["no_room"], stats["too_long"])
+    if not stats["kept"]:
+        raise ValueError(f"SFT data {source!r}: none of its {stats['rows']} examples fits seq_len={seq_len} "
+                         f"({stats['no_room']} prompts leave no room, {stats['too_long']} responses too long); "
+                         f"raise --seq_len")
+    stats["response_tokens"] = sum(n for n, s in zip(list(tokenized["sft_scored"]), status) if s == _SFT_KEPT)
+    kept = tokenized.filter(lambda s: s == _SFT_KEPT, input_columns="sft_status")
+    kept = kept.remove_columns(["sft_status", "sft_scored"])
+    logger.info("SFT data %r: %d examples of %d tokens (%s), prompt/response masks built", source, len(kept),
+                seq_len, layout)
+    return kept, stats
+
+
+def load_sft_dataset(name_or_path: str, config_name: str | None = None, *, validation_fraction: float = 0.05,
+                     seed: int = 0) -> datasets.DatasetDict:
+    """SFT rows as a `DatasetDict` with "train" and "validation": a JSONL/JSON/Parquet/CSV file or folder, a saved
+    dataset or a Hub dataset, whose rows hold `prompt` and `response` strings or a `messages` list. The validation
+    split is the source's own ("validation" or "valid", else "test"), else `validation_fraction` of train, carved
+    out with a seeded split."""
+    raw = _load_raw(name_or_path, config_name)
+    if "train" not in raw:
+        raise ValueError(f"SFT data {name_or_path!r} has no 'train' split (splits: {list(raw)})")
+    sft_columns(raw["train"].column_names, name_or_path)
+    held_out = next((raw[name] for name in ("validation", "valid", "test") if name in raw), None)
+    train = raw["train"]
+    if held_out is None:
+        if len(train) < 2:
+            raise ValueError(f"SFT data {name_or_path!r} has {len(train)} rows and no validation split; need at "
+                             f"least 2 rows to carve one out")
+        carved = train.train_test_split(test_size=max(1, round(validation_fraction * len(train))), seed=seed)
+        train, held_out = carved["train"], carved["test"]
+    return datasets.DatasetDict({"train": train, "validation": held_out})
+
+
+def build_sft_datasets(dataset: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, *,
+                       dataset_config: str | None = None, fill: str = "eos", num_proc: int | None = None,
+                       max_train_samples: int | None = None, max_eval_samples: int | None = None
+                       ) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """`load_sft_dataset` then `tokenize_sft_dataset` on both splits: (train, eval) with `input_ids`,
+    `attention_mask` and `prompt_mask`, ready for the dlm Trainers with `default_data_collator`."""
+    raw = load_sft_dataset(dataset, dataset_config)
+    out = []
+    for split, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
+        rows, _ = tokenize_sft_dataset(raw[split], tokenizer, seq_len, fill=fill, num_proc=num_proc,
+                                       source=f"{dataset} [{split}]")
+        out.append(_first(rows, limit))
+    return out[0], out[1]
+
+
+def load_sft_eval(name_or_path: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, *, split: str | None = None,
+                  fill: str = "eos") -> tuple[datasets.Dataset, dict[str, int]]:
+    """SFT rows to evaluate: a single file scored whole, else the source's `split` (default validation/valid/test),
+    tokenized by `tokenize_sft_dataset` (the conditional bound is over the response tokens)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if split is not None:
+            raise ValueError(f"--split {split!r} does not apply to the file {name_or_path!r} (scored whole)")
+        builder, data_files = _local_data_files(path)
+        dataset = datasets.load_dataset(builder, data_files={"eval": data_files["train"]}, split="eval")
+    else:
+        raw = _load_raw(name_or_path)
+        split = split or next((name for name in _EVAL_SPLIT_PREFERENCE if name in raw), None)
+        if split is None or split not in raw:
+            raise ValueError(f"SFT data {name_or_path!r} has no split {split!r} (splits: {list(raw)})")
+        dataset = raw[split]
+    return tokenize_sft_dataset(dataset, tokenizer, seq_len, fill=fill, source=name_or_path)
+
+
+# A fixed permutation of the ten digits: the synthetic conditional task maps each digit of the prompt through it.
+DIGIT_MAP = (3, 8, 5, 0, 9, 1, 7, 2, 6, 4)
+
+
+def digit_map_task(num_rows: int, *, seed: int = 0, min_digits: int = 6, max_digits: int = 10) -> list[dict[str, str]]:
+    """A synthetic SFT task where an unconditional model cannot beat chance: the prompt is a random number of
+    `min_digits`-`max_digits` digits ("map: 3 1 4 1 5 9"), the response maps each digit through `DIGIT_MAP`
+    ("0 8 9 8 1 4"). Every response digit is uniform over the ten digits unless the prompt is read, so chance is 0.1
+    per digit; rows as {"prompt", "response"} (write them with `datasets.Dataset.from_list(...).to_json`)."""
+    if num_rows < 1 or not 1 <= min_digits <= max_digits:
+        raise ValueError(f"need num_rows >= 1 and 1 <= min_digits <= max_digits, got {num_rows}, {min_digits}, "
+                         f"{max_digits}")
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        digits = [rng.randrange(10) for _ in range(rng.randint(min_digits, max_digits))]
+        rows.append({"prompt": "map: " + " ".join(map(str, digits)),
+                     "response": " " + " ".join(str(DIGIT_MAP[d]) for d in digits)})
+    return rows

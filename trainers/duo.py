@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling_dlm.functional_dlm import Noised
+from modeling_dlm.modeling_dlm import response_mask
 from modeling_dlm.noise_schedules import sigma_from_alpha
 
 from .base import DiffusionTrainer, masked_mean
@@ -53,7 +54,8 @@ class DuoTrainer(DiffusionTrainer):
     def in_curriculum(self, model) -> bool:
         return model.training and self.state.global_step < self.args.curriculum_steps
 
-    def curriculum_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+    def curriculum_loss(self, model, unwrapped, input_ids, attention_mask, t, generator, prompt_mask=None):
+        """The curriculum's NELBO; `prompt_mask` positions are clean (one-hot soft inputs, z_t = x) and unscored."""
         config = unwrapped.config
         V = config.vocab_size
         gamma, alpha, dalpha = linear_gamma_schedule(t, config.gamma_min, config.gamma_max, V)  # (B,) each
@@ -65,6 +67,10 @@ class DuoTrainer(DiffusionTrainer):
             # Duo++: k + 1 weighted embeddings instead of a (B, L, V) latent
             ids, weights, z_t = gaussian_topk_relaxation(input_ids, signal, noise, V, self.args.curriculum_top_k,
                                                          generator=generator)
+            if prompt_mask is not None:  # ids[..., 0] is x: all the weight on it
+                one_hot = torch.zeros_like(weights)
+                one_hot[..., 0] = 1.0
+                weights = torch.where(prompt_mask[..., None], one_hot, weights)
             embeds = (weights[..., None] * unwrapped.get_input_embeddings()(ids)).sum(-2)  # (B, L, d)
             logits = model(inputs_embeds=embeds, attention_mask=attention_mask, sigma=sigma).logits
         else:
@@ -74,23 +80,32 @@ class DuoTrainer(DiffusionTrainer):
             z_t = w.argmax(-1)  # (B, L), distributed as q_t(. | x; alpha)
             weights = w.softmax(-1)  # tempered softmax of the Gaussian latent: the relaxed model input
             del w
+            if prompt_mask is not None:  # the prompt's rows become one-hot on x, in place (no second (B, L, V))
+                rows = prompt_mask.nonzero(as_tuple=True)
+                weights[rows] = 0.0
+                weights[rows + (input_ids[rows],)] = 1.0
             logits = model(token_weights=weights, attention_mask=attention_mask, sigma=sigma).logits
+        if prompt_mask is not None:
+            z_t = torch.where(prompt_mask, input_ids, z_t)
         # the bound at z_t = argmax(w), the law of the uniform-state process at alpha = T(gamma)
         noised = Noised(z_t, aux={"alpha": alpha.float(), "dalpha": dalpha.float()}, logits=logits)
-        loss = masked_mean(unwrapped.noise_process.nelbo_per_token(logits, input_ids, noised), attention_mask)
+        per_token = unwrapped.noise_process.nelbo_per_token(logits, input_ids, noised)
+        loss = masked_mean(per_token, response_mask(attention_mask, prompt_mask))
         return loss, {"nelbo": loss.detach(), "curriculum": torch.tensor(1.0)}
 
-    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator, prompt_mask=None):
         if self.in_curriculum(model):
-            return self.curriculum_loss(model, unwrapped, input_ids, attention_mask, t, generator)
-        loss, stats = super().diffusion_loss(model, unwrapped, input_ids, attention_mask, t, generator)  # the NELBO
+            return self.curriculum_loss(model, unwrapped, input_ids, attention_mask, t, generator, prompt_mask)
+        loss, stats = super().diffusion_loss(model, unwrapped, input_ids, attention_mask, t, generator,
+                                             prompt_mask)  # the NELBO
         if self.args.curriculum_steps:
             stats["curriculum"] = torch.tensor(0.0)
         return loss, stats
 
 
 def consistency_distillation_loss(student_logits, teacher_logits, attention_mask=None, divergence="kl-bwd"):
-    """Per-token KL between student and (detached) teacher predictions, token-averaged; float32."""
+    """Per-token KL between student and (detached) teacher predictions, averaged over the positions where
+    `attention_mask` (the loss tokens) is 1; float32."""
     log_s = student_logits.float().log_softmax(-1)
     log_t = teacher_logits.float().log_softmax(-1).detach()
     if divergence == "kl-bwd":
@@ -146,7 +161,7 @@ class DuoDistillationTrainer(DiffusionTrainer):
         self.teacher_round = round_index
         logger.info("DCD round %d: teacher refreshed from the student, dt = %.5f", round_index, self.dt(round_index))
 
-    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator, prompt_mask=None):
         round_index = self.distill_round(self.state.global_step)
         if self.teacher is None and model.training:
             self.check_round_schedule()
@@ -161,11 +176,14 @@ class DuoDistillationTrainer(DiffusionTrainer):
         gamma_s, alpha_s, _ = linear_gamma_schedule(s, *bounds, V)
         m_t, m_s = torch.exp(-gamma_t / 2), torch.exp(-gamma_s / 2)  # alpha~ / sigma~
         z_t, z_s = gaussian_coupled_latents(input_ids, [m_t, m_s], V, generator=generator)
+        if prompt_mask is not None:  # the prompt is clean context on both ends of the trajectory
+            z_t, z_s = torch.where(prompt_mask, input_ids, z_t), torch.where(prompt_mask, input_ids, z_s)
         student = model(input_ids=z_t, attention_mask=attention_mask, sigma=sigma_from_alpha(alpha_t).float()).logits
         with torch.no_grad():
             teacher = self.teacher(input_ids=z_s, attention_mask=attention_mask,
                                    sigma=sigma_from_alpha(alpha_s).float()).logits
-        loss, stats = consistency_distillation_loss(student, teacher, attention_mask, self.args.distill_divergence)
+        loss, stats = consistency_distillation_loss(student, teacher, response_mask(attention_mask, prompt_mask),
+                                                    self.args.distill_divergence)
         stats["dt"] = torch.tensor(dt)
         return loss, stats
 

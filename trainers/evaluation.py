@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator
 
 from modeling_dlm.generation_dlm import check_token_ids
+from modeling_dlm.modeling_dlm import response_mask
 from modeling_dlm.noise_schedules import antithetic_times
 
 
@@ -26,11 +27,14 @@ def nelbo_batch_sums(
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
     per_sequence: bool = False,
+    prompt_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token NELBO over real tokens, number of real tokens), float64; scalars, or (B,) with
-    `per_sequence`. No gradients."""
+    `per_sequence`. With `prompt_mask` (conditional sets) the prompt is clean context and the sums run over the
+    response tokens: the bound on -log p(response | prompt). No gradients."""
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
+    conditional = {} if prompt_mask is None else {"prompt_mask": prompt_mask.bool()}
     check_token_ids(input_ids, model.config.vocab_size, "input_ids")  # once per batch: the steps below never check
     if hasattr(model, "check_clean_ids"):  # absent from checkpoints whose shipped code predates it
         model.check_clean_ids(input_ids)
@@ -38,10 +42,12 @@ def nelbo_batch_sums(
     with torch.no_grad():
         for _ in range(num_time_samples):
             t = antithetic_times(input_ids.shape[0], eps=eps, generator=generator, device=input_ids.device)
-            per_token = model.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator)
+            per_token = model.nelbo_per_token(input_ids, t, attention_mask=attention_mask, generator=generator,
+                                              **conditional)
             total = per_token if total is None else total + per_token
     per_token = (total / num_time_samples).double()
-    mask = torch.ones_like(per_token) if attention_mask is None else attention_mask.to(per_token.dtype)
+    scored = response_mask(attention_mask, prompt_mask)
+    mask = torch.ones_like(per_token) if scored is None else scored.to(per_token.dtype)
     if per_sequence:
         return (per_token * mask).sum(-1), mask.sum(-1)
     return (per_token * mask).sum(), mask.sum()
@@ -67,7 +73,8 @@ def evaluate_likelihood(
     seed: int = 0,
     show_progress: bool = False,
 ) -> dict[str, float]:
-    """NELBO (dlm models) or NLL (causal LMs) over `dataset` (rows of input_ids[, attention_mask])."""
+    """NELBO (dlm models) or NLL (causal LMs) over `dataset` (rows of input_ids[, attention_mask][, prompt_mask]; with
+    `prompt_mask`, the conditional bound over response tokens)."""
     if num_time_samples < 1:
         raise ValueError(f"`num_time_samples` must be >= 1, got {num_time_samples}")
     if batch_size < 1:
@@ -89,9 +96,14 @@ def evaluate_likelihood(
         input_ids = batch["input_ids"].to(device)
         mask = batch.get("attention_mask")
         mask = mask.to(device) if mask is not None else None
+        prompt_mask = batch.get("prompt_mask")
         if is_diffusion:
             s, n = nelbo_batch_sums(model, input_ids, mask, num_time_samples=num_time_samples, eps=eps,
-                                    generator=generator)
+                                    generator=generator,
+                                    prompt_mask=None if prompt_mask is None else prompt_mask.to(device))
+        elif prompt_mask is not None:
+            raise ValueError("conditional (prompt_mask) evaluation is for dlm models; score a causal LM's response "
+                             "tokens with labels instead")
         else:
             s, n = ar_batch_sums(model, input_ids, mask)
         nll += s.cpu()
@@ -136,6 +148,7 @@ def generative_perplexity(
         raise ValueError(f"`num_samples` must be >= 1, got {num_samples}")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    generate_kwargs.setdefault("stop_at_eos", False)  # the papers' protocol scores whole canvases
     samples = []
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
@@ -160,3 +173,50 @@ def generative_perplexity(
         raise ValueError("the samples decoded to no text the judge could score")
     return {"gen_ppl": math.exp(nll / count), "entropy": unigram_entropy(ids), "gen_num_samples": num_samples,
             "gen_tokens_scored": count}
+
+
+def sft_accuracy(
+    model,
+    tokenizer,
+    rows: list[dict[str, str]],
+    *,
+    seq_len: int,
+    batch_size: int = 16,
+    seed: int = 0,
+    **generate_kwargs,
+) -> dict[str, float]:
+    """Exact-match and per-token accuracy of generated responses on `rows` ({"prompt", "response"}).
+
+    Each prompt is framed as in SFT training ([BOS] prompt) and given `seq_len - len(prompt)` new tokens (the SFT
+    canvas), the batch left-padded with one generator per row (seeded from `seed` and the row's index, so the result
+    does not depend on `batch_size`), and the answer ends at its first EOS (`stop_at_eos`). The answer's
+    whitespace-separated words are compared with the response's: per-token accuracy is the share of response words
+    matched at their position, exact match the share of answers equal to the response."""
+    if not rows:
+        raise ValueError("sft_accuracy needs at least one row")
+    device = next(model.parameters()).device
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    correct = total = exact = 0
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        prompts = [[bos, *tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]] for r in chunk]
+        width = max(map(len, prompts))
+        if width >= seq_len:
+            raise ValueError(f"a prompt of {width} tokens leaves no room in seq_len={seq_len}")
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+        generators = [torch.Generator(device=device).manual_seed(seed * 1_000_003 + start + i)
+                      for i in range(len(chunk))]
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=seq_len - width, generator=generators, stop_at_eos=True,
+                             **generate_kwargs)
+        for row, answer in zip(chunk, out[:, width:].tolist()):
+            words = tokenizer.decode(answer, skip_special_tokens=True).split()
+            target = row["response"].split()
+            correct += sum(a == b for a, b in zip(words, target))
+            total += len(target)
+            exact += words == target
+    return {"token_accuracy": correct / max(total, 1), "exact_match": exact / len(rows), "rows": len(rows)}

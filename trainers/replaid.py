@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from transformers import TrainerCallback
 
 from modeling_dlm.functional_dlm import row_stopped_matmul
+from modeling_dlm.modeling_dlm import response_mask
 from modeling_dlm.noise_schedules import antithetic_times
 
 from .base import DiffusionTrainer
@@ -156,8 +157,10 @@ def replaid_training_loss(
     generator: torch.Generator | None = None,
     output_prior_scale: float = 1.0,
     schedule_variance_gradient: bool = True,
+    prompt_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The RePlaid training loss of one micro-batch under `plan` (see the module docstring).
+    """The RePlaid training loss of one micro-batch under `plan` (see the module docstring). `prompt_mask` (B, L)
+    bool: those positions hold their clean latent (`clean_latent`) in every row and carry no term.
 
     `model` is what the network is called through (possibly DDP-wrapped), `unwrapped` the RePlaid model itself.
     Returns (loss: float32 scalar, the token mean of sum_i n_i P_i + sum_rows w_r n_r (R_r or D_r) over the batch's
@@ -169,7 +172,8 @@ def replaid_training_loss(
     rows, is_recon, t, weight = _rows(plan, B)
     live_entry = ~plan.self_conditioning.to(device)  # (B,) entries whose gradients reach E and the schedule
     live = live_entry[rows]  # (R,)
-    mask = None if attention_mask is None else attention_mask.to(torch.float64)  # (B, L)
+    scored = response_mask(attention_mask, prompt_mask)  # (B, L) loss positions, or None for all
+    mask = None if scored is None else scored.to(torch.float64)  # (B, L)
     row_mask = torch.ones(len(rows), input_ids.shape[1], dtype=torch.float64, device=device) if mask is None \
         else mask[rows]  # (R, L)
     row_attention = None if attention_mask is None else attention_mask[rows]
@@ -190,6 +194,8 @@ def replaid_training_loss(
     row_embeds = embeds[rows]  # (R, L, d_e)
     noise = torch.randn(row_embeds.shape, generator=generator, device=device)
     z = scheduler.add_noise(row_embeds, gamma, noise=noise)  # (R, L, d_e) float32
+    if prompt_mask is not None:  # the prompt is clean context in every row
+        z = torch.where(prompt_mask[rows][..., None], scheduler.clean_latent(row_embeds, gamma), z)
 
     self_cond = None
     if not bool(live.all()):
@@ -350,10 +356,17 @@ class RePlaidTrainer(DiffusionTrainer):
         plan.t = t
         return plan
 
-    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator, prompt_mask=None):
         """`t`: this micro-batch's `RePlaidBatchPlan` (from `batch_plan`), or times (B,) for the all-terms plan at
         those times (self-conditioning entries drawn from `generator`)."""
         plan = t
+        if prompt_mask is not None and unwrapped.config.given_latent != "clean":
+            # conditional training feeds the prompt's clean latent: sampling must give it the same (saved with the
+            # config, so the checkpoint samples as it was trained)
+            logger.warning("RePlaid: conditional (prompt_mask) batches train the prompt as clean latents; setting "
+                           "config.given_latent = 'clean' (was %r) so that sampling feeds prompts the same way",
+                           unwrapped.config.given_latent)
+            unwrapped.config.given_latent = "clean"
         if isinstance(plan, torch.Tensor):
             chosen = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             if unwrapped.config.self_conditioning:
@@ -365,7 +378,7 @@ class RePlaidTrainer(DiffusionTrainer):
         loss, stats, rows = replaid_training_loss(
             model, unwrapped, input_ids, attention_mask, plan, generator=generator,
             output_prior_scale=self.output_prior_scale() if training else 1.0,
-            schedule_variance_gradient=self.args.schedule_variance_gradient and training,
+            schedule_variance_gradient=self.args.schedule_variance_gradient and training, prompt_mask=prompt_mask,
         )
         if training:
             recon_rows = rows["is_reconstruction"]

@@ -33,6 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from modeling_dlm.modeling_dlm import response_mask
 from modeling_dlm.scheduling_uniform import softmax_log_affine_terms
 
 from .base import DiffusionTrainer, masked_mean
@@ -102,12 +103,14 @@ def sddlm_loss(
 class SDDLMTrainer(DiffusionTrainer):
     model_types = ("sddlm",)
 
-    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator):
+    def diffusion_loss(self, model, unwrapped, input_ids, attention_mask, t, generator, prompt_mask=None):
         config = unwrapped.config
-        noised = unwrapped.noised_forward(input_ids, t, attention_mask, generator, network=model)
+        noised = unwrapped.noised_forward(input_ids, t, attention_mask, generator, network=model,
+                                          prompt_mask=prompt_mask)  # the prompt stays clean: never replaced
         positions = (noised.z_t != input_ids) if config.loss_mask == "changed" else noised.aux["replaced"]
-        if attention_mask is not None:
-            positions = positions & attention_mask.bool()
+        scored = response_mask(attention_mask, prompt_mask)
+        if scored is not None:
+            positions = positions & scored
         per_token = terms = None
         if config.elbo_weight:
             # the hybrid's bound, log p[x] and (mean, hinge) the regulariser's sum from ONE fused pass over the vocab
@@ -123,7 +126,7 @@ class SDDLMTrainer(DiffusionTrainer):
             terms=terms,
         )
         if per_token is not None:  # the hybrid: mu times the uniform-state NELBO of the same draw
-            nelbo = masked_mean(per_token, attention_mask)
+            nelbo = masked_mean(per_token, scored)
             loss = loss + config.elbo_weight * nelbo
             stats["nelbo"] = nelbo.detach()
         return loss, stats
