@@ -79,9 +79,13 @@ class DiffusionGenerationConfig(GenerationConfig):
 
     @classmethod
     def from_model_config(cls, model_config):
-        # transformers 5.23 compares subclass-only attributes against a plain GenerationConfig and crashes; models
-        # catch NotImplementedError and fall back to `cls()`.
-        raise NotImplementedError
+        """The defaults, with the model config's pad, BOS and EOS ids (as transformers' models take them), so that
+        a model built from a config with an `eos_token_id` stops at EOS. (transformers' own version compares
+        subclass-only attributes against a plain GenerationConfig and fails on this class.)"""
+        source = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        ids = {key: source[key] for key in ("pad_token_id", "bos_token_id", "eos_token_id")
+               if source.get(key) is not None}
+        return cls(**ids)
 
     def validate(self, strict: bool = False, user_set_attributes: set[str] | None = None):
         # The base checks target autoregressive decoding flags; dlm validates its own knobs only.

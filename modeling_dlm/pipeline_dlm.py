@@ -17,10 +17,14 @@ batches of `batch_size` (default 1) prompts, left-padded (padding is masked out 
 in a batch still samples unconditionally).
 
 Sampling keywords go to `model.generate` after the model's own generation config has validated them: `num_steps`,
-`sampler`, `temperature`, `top_p`, `top_k`, `max_new_tokens`, `score_temperature` (RePlaid), `show_progress`,
-`streamer`. `seed` (an int) seeds a fresh `torch.Generator` for each call, so equal calls give equal outputs;
-`generator` passes your own. Without `max_new_tokens` (here or in the generation config) the completion is 64 tokens,
-or fewer if the prompt leaves less room in `max_position_embeddings`.
+`sampler`, `temperature`, `top_p`, `top_k`, `max_new_tokens`, `score_temperature` (RePlaid), `stop_at_eos`,
+`show_progress`, `streamer`. `seed` (an int) gives every output row its own fresh `torch.Generator`: row
+`r = i * num_return_sequences + j` (prompt `i` of the call, sample `j`) is seeded with `seed + r`, so equal calls give
+equal outputs and a prompt's text does not depend on `batch_size` or on the other prompts of its batch (each row draws
+only over its own positions: see `generate`'s list of generators). `generator` passes one shared stream of your own
+instead (then the draws depend on the batching). Without `max_new_tokens` (here or in the generation config) the
+completion is 64 tokens, or fewer if the prompt leaves less room in `max_position_embeddings`. With `stop_at_eos` (on
+when the generation config has an `eos_token_id`) the text of a completion ends at its first generated EOS.
 
 This file ships inside checkpoints: only torch, transformers and the standard library, and importing it only defines
 things.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import collections.abc
 import copy
+import typing
 
 import torch
 from torch.utils.data import DataLoader
@@ -51,7 +56,11 @@ class DLMTextGenerationPipeline(Pipeline):
         num_return_sequences (`int`, defaults to 1): samples per prompt.
         return_full_text (`bool`, defaults to `True`): put the prompt in front of the completion.
         prepend_bos (`bool`, defaults to `True`): start non-empty prompts with the tokenizer's BOS token.
-        seed (`int`) or generator (`torch.Generator`): reproducible sampling (not both).
+        seed (`int`): one generator per output row, seeded `seed + row` (rows counted over the whole call), so that
+            a prompt's output does not depend on the batching; or generator (`torch.Generator`): one shared stream
+            (not both).
+        stop_at_eos (`bool`): end each text at its first generated EOS (default: on when the generation config has
+            an `eos_token_id`).
         streamer: a transformers streamer (batch size 1 only), e.g. `TextStreamer` or dlm's `DraftStreamer`.
         skip_special_tokens (`bool`, defaults to `True`), clean_up_tokenization_spaces: passed to `decode`.
     """
@@ -86,6 +95,7 @@ class DLMTextGenerationPipeline(Pipeline):
         num_return_sequences=None,
         prepend_bos=None,
         generator=None,
+        seed=None,
         skip_special_tokens=None,
         clean_up_tokenization_spaces=None,
         max_new_tokens=None,
@@ -116,20 +126,32 @@ class DLMTextGenerationPipeline(Pipeline):
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"`generator` must be a torch.Generator, got {type(generator).__name__}")
             forward_params["generator"] = generator
+        if seed is not None:  # per-row generators, built in _forward; it overrides a generator given at construction
+            forward_params["seed"], forward_params["generator"] = seed, None
         if generate_kwargs:
             config_kwargs = {k: v for k, v in generate_kwargs.items() if k not in self._GENERATE_ONLY}
             self._check_generation_kwargs(config_kwargs)
             forward_params.update(generate_kwargs)
         return preprocess_params, forward_params, postprocess_params
 
-    def _check_generation_kwargs(self, kwargs: dict) -> None:
-        """Validate sampling keywords with the model's own generation config (what `generate` would do)."""
+    def _check_generation_kwargs(self, kwargs: dict):
+        """Validate sampling keywords with the model's own generation config (what `generate` would do); returns
+        the updated config."""
         config = copy.deepcopy(self.model.generation_config)
         if not hasattr(config, "num_steps"):  # a plain GenerationConfig: lift it into the model's class
             config = self.model.generation_config_class.from_dict(config.to_dict())
         unknown = config.update(**kwargs)  # validates the updated config: ValueError naming a bad value
         if unknown:
             raise TypeError(f"{PIPELINE_TASK}: unexpected keyword arguments {sorted(unknown)}")
+        return config
+
+    def _stop_token_ids(self, generate_kwargs: dict) -> list[int] | None:
+        """The EOS ids that end a text (as `generate`'s `stop_at_eos` resolves them), or None when it is off."""
+        config = self._check_generation_kwargs({k: v for k, v in generate_kwargs.items()
+                                                if k not in (*self._GENERATE_ONLY, "generator")})
+        if not type(self.model)._stops_at_eos(config):
+            return None
+        return torch.as_tensor(config.eos_token_id).reshape(-1).tolist()
 
     def _configured_max_new_tokens(self, max_new_tokens: int | None) -> int | None:
         return max_new_tokens if max_new_tokens is not None else self.model.generation_config.max_new_tokens
@@ -146,8 +168,8 @@ class DLMTextGenerationPipeline(Pipeline):
             raise ValueError("pass either `seed` or `generator`, not both")
         if seed is None and kwargs.get("generator") is None and "generator" not in self._forward_params:
             seed = self._default_seed
-        if seed is not None:  # a fresh generator per call: equal calls give equal outputs
-            kwargs["generator"] = torch.Generator(device=self.model.device).manual_seed(seed)
+        if seed is not None:  # fresh per-row generators in every call: equal calls give equal outputs
+            kwargs["seed"] = seed
         if text_inputs is None:
             text_inputs = ""
         if isinstance(text_inputs, tuple):
@@ -157,11 +179,12 @@ class DLMTextGenerationPipeline(Pipeline):
         return super().__call__(text_inputs, **kwargs)
 
     def get_iterator(self, inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params):
-        """transformers' iterator with this pipeline's collate function (left padding that allows empty prompts)."""
+        """transformers' iterator with this pipeline's collate function (left padding that allows empty prompts); each
+        prompt carries its index in the call, which seeds its rows."""
         if isinstance(inputs, collections.abc.Sized):
-            dataset = PipelineDataset(inputs, self.preprocess, preprocess_params)
+            dataset = PipelineDataset(_Indexed(inputs), self.preprocess, preprocess_params)
         else:
-            dataset = PipelineIterator(inputs, self.preprocess, preprocess_params)
+            dataset = PipelineIterator(map(_Row._make, enumerate(inputs)), self.preprocess, preprocess_params)
         collate_fn = _first_item if batch_size == 1 else self._collate  # batch_size 1: items are not batched
         loader = DataLoader(dataset, num_workers=num_workers, batch_size=batch_size, collate_fn=collate_fn)
         model_iterator = PipelineIterator(loader, self.forward, forward_params, loader_batch_size=batch_size)
@@ -182,9 +205,13 @@ class DLMTextGenerationPipeline(Pipeline):
                 input_ids[row, width - length:] = item["input_ids"][0]
                 attention_mask[row, width - length:] = item["attention_mask"][0]
         return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "prompt_text": [item["prompt_text"] for item in items]}
+                "prompt_text": [item["prompt_text"] for item in items],
+                "prompt_index": [item["prompt_index"] for item in items]}
 
     def preprocess(self, prompt_text, prepend_bos: bool = True, max_new_tokens: int | None = None):
+        index = 0  # a single prompt (transformers' run_single) is prompt 0
+        if isinstance(prompt_text, _Row):
+            index, prompt_text = prompt_text
         if prompt_text is None:
             prompt_text = ""
         if not isinstance(prompt_text, str):
@@ -206,15 +233,23 @@ class DLMTextGenerationPipeline(Pipeline):
                 f"max_position_embeddings={limit}"
             )
         input_ids = torch.tensor([ids], dtype=torch.long).reshape(1, len(ids))
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "prompt_text": prompt_text}
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "prompt_text": prompt_text,
+                "prompt_index": index}
 
-    def _forward(self, model_inputs, max_new_tokens=None, num_return_sequences=1, **generate_kwargs):
+    def _forward(self, model_inputs, max_new_tokens=None, num_return_sequences=1, seed=None, **generate_kwargs):
         input_ids, attention_mask = model_inputs["input_ids"], model_inputs["attention_mask"]
-        prompt_text = model_inputs["prompt_text"]
+        prompt_text, prompt_index = model_inputs["prompt_text"], model_inputs["prompt_index"]
         batch, prompt_len = input_ids.shape
         max_new_tokens = self._configured_max_new_tokens(max_new_tokens)
         if max_new_tokens is None:
             max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, self.model.config.max_position_embeddings - prompt_len)
+        stop_ids = self._stop_token_ids(generate_kwargs)
+        if seed is not None:  # row r = prompt * num_return_sequences + sample of the call: seeded seed + r
+            indices = prompt_index if isinstance(prompt_index, list) else [prompt_index]
+            generate_kwargs["generator"] = [
+                torch.Generator(device=self.model.device).manual_seed(seed + index * num_return_sequences + sample)
+                for index in indices for sample in range(num_return_sequences)
+            ]
         if prompt_len == 0:  # unconditional: the canvas is only new tokens
             output = self.model.generate(batch_size=batch * num_return_sequences, max_new_tokens=max_new_tokens,
                                          **generate_kwargs)
@@ -230,18 +265,42 @@ class DLMTextGenerationPipeline(Pipeline):
             "generated_sequence": sequences.reshape(batch, num_return_sequences, -1),
             "input_ids": input_ids,
             "prompt_text": prompt_text,
+            "stop_ids": [stop_ids] * batch if isinstance(prompt_text, list) else stop_ids,
         }
 
     def postprocess(self, model_outputs, return_full_text: bool = True, skip_special_tokens: bool = True,
                     clean_up_tokenization_spaces=None):
         prompt_len = model_outputs["input_ids"].shape[-1]
-        prompt_text = model_outputs["prompt_text"]
+        prompt_text, stop_ids = model_outputs["prompt_text"], model_outputs["stop_ids"]
         records = []
         for sequence in model_outputs["generated_sequence"][0].tolist():
-            text = self.tokenizer.decode(sequence[prompt_len:], skip_special_tokens=skip_special_tokens,
+            new = sequence[prompt_len:]
+            if stop_ids is not None:  # the text ends at the first generated EOS
+                new = next((new[:k] for k, token in enumerate(new) if token in stop_ids), new)
+            text = self.tokenizer.decode(new, skip_special_tokens=skip_special_tokens,
                                          clean_up_tokenization_spaces=clean_up_tokenization_spaces)
             records.append({"generated_text": prompt_text + text if return_full_text else text})
         return records
+
+
+class _Row(typing.NamedTuple):
+    """A prompt with its index in the pipeline call (the index seeds its rows)."""
+
+    index: int
+    text: object
+
+
+class _Indexed(collections.abc.Sequence):
+    """A sized input (list, dataset) seen as `_Row`s."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> _Row:
+        return _Row(index, self.items[index])
 
 
 def _first_item(items: list):

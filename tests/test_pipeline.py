@@ -3,8 +3,9 @@
 Per variant, a tiny model (hidden 32) sized for dlm's built-in byte-level BPE tokenizer is saved with that tokenizer;
 `pipeline(model=checkpoint, trust_remote_code=True)` must infer the task from `config.json` and load the pipeline
 class from the checkpoint's own `pipeline_dlm.py`. Outputs are checked against direct `model.generate` calls with the
-same seed, so the pipeline is pinned down token for token: prompts, batching (left padding), `return_full_text`,
-seeds, unconditional sampling and the default length. Bad arguments raise errors that name the bad value.
+same seeds (row r of a call seeded `seed + r`), so the pipeline is pinned down token for token: prompts, batching
+(left padding), `return_full_text`, seeds, unconditional sampling, the default length and the end at EOS. Bad
+arguments raise errors that name the bad value.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def rows(seed: int, count: int) -> list:
+    """The per-row generators of a pipeline call with `seed` and `count` output rows."""
+    return [seeded(seed + row) for row in range(count)]
+
+
 def texts(outputs) -> list:
     """The generated texts of a pipeline answer, keeping its nesting."""
     if isinstance(outputs, dict):
@@ -107,7 +113,7 @@ def test_single_prompt_matches_generate(pipe, tokenizer):
     out = pipe(PROMPTS[0], seed=11, **SAMPLE)
     assert isinstance(out, list) and len(out) == 1 and set(out[0]) == {"generated_text"}
     ids = prompt_ids(tokenizer, PROMPTS[0])  # BOS + prompt, as `dlm generate` and training frame text
-    expected = pipe.model.generate(input_ids=ids, generator=seeded(11), **SAMPLE)
+    expected = pipe.model.generate(input_ids=ids, generator=rows(11, 1), **SAMPLE)
     assert torch.equal(expected[:, : ids.shape[1]], ids)
     new_text = tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
     assert out[0]["generated_text"] == PROMPTS[0] + new_text
@@ -139,10 +145,11 @@ def test_batched_prompts(pipe, tokenizer):
     for row, prompt in enumerate((first, second)):
         ids[row, width - prompt.shape[1]:] = prompt[0]
         mask[row, width - prompt.shape[1]:] = 1
-    expected = pipe.model.generate(input_ids=ids, attention_mask=mask, generator=seeded(5), **SAMPLE)
+    expected = pipe.model.generate(input_ids=ids, attention_mask=mask, generator=rows(5, 2), **SAMPLE)
     for row in range(2):
         new_text = tokenizer.decode(expected[row, width:], skip_special_tokens=True)
         assert batched[row][0]["generated_text"] == PROMPTS[row] + new_text
+    assert batched == one_by_one  # per-row seeds: a prompt's text does not depend on the batching
     assert pipe((PROMPTS[0],), seed=5, **SAMPLE) == [pipe(PROMPTS[0], seed=5, **SAMPLE)]  # a tuple is a batch too
     assert pipe([], **SAMPLE) == []
 
@@ -154,17 +161,20 @@ def test_num_return_sequences(pipe, tokenizer):
                for record in records)
     single = pipe(PROMPTS[0], num_return_sequences=3, seed=1, **SAMPLE)
     ids = prompt_ids(tokenizer, PROMPTS[0])
-    expected = pipe.model.generate(input_ids=ids.repeat(3, 1), generator=seeded(1), **SAMPLE)
+    expected = pipe.model.generate(input_ids=ids.repeat(3, 1), generator=rows(1, 3), **SAMPLE)
     assert texts(single) == [PROMPTS[0] + tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True)
                              for row in expected]
     assert len(set(texts(single))) > 1
+    assert out[0] == single  # prompt 0's rows are 0..2 in both calls
 
 
 def test_seeds_reproduce(saved, pipe):
     first = pipe(PROMPTS, seed=7, batch_size=2, **SAMPLE)
     assert pipe(PROMPTS, seed=7, batch_size=2, **SAMPLE) == first
     assert pipe(PROMPTS, seed=8, batch_size=2, **SAMPLE) != first
-    assert pipe(PROMPTS, generator=seeded(7), batch_size=2, **SAMPLE) == first
+    assert pipe(PROMPTS, seed=7, batch_size=3, **SAMPLE) == first  # per-row seeds: independent of the batching
+    shared = pipe(PROMPTS, generator=seeded(7), batch_size=2, **SAMPLE)  # one shared stream of your own
+    assert pipe(PROMPTS, generator=seeded(7), batch_size=2, **SAMPLE) == shared
     seeded_pipe = pipeline(model=str(saved[1]), trust_remote_code=True, seed=7)  # a default seed, fresh per call
     assert seeded_pipe(PROMPTS, batch_size=2, **SAMPLE) == first
     assert seeded_pipe(PROMPTS, batch_size=2, **SAMPLE) == first
@@ -172,7 +182,7 @@ def test_seeds_reproduce(saved, pipe):
 
 
 def test_unconditional_generation(pipe, tokenizer):
-    expected = pipe.model.generate(batch_size=2, generator=seeded(4), **SAMPLE)
+    expected = pipe.model.generate(batch_size=2, generator=rows(4, 2), **SAMPLE)
     expected_texts = [tokenizer.decode(row, skip_special_tokens=True) for row in expected]
     assert texts(pipe("", num_return_sequences=2, seed=4, **SAMPLE)) == expected_texts
     assert texts(pipe(num_return_sequences=2, seed=4, **SAMPLE)) == expected_texts  # no prompt at all
@@ -181,6 +191,8 @@ def test_unconditional_generation(pipe, tokenizer):
     mixed = pipe(["", PROMPTS[0]], seed=4, batch_size=2, **SAMPLE)
     assert len(mixed) == 2 and mixed[1][0]["generated_text"].startswith(PROMPTS[0])
     assert len(tokenizer(mixed[0][0]["generated_text"])["input_ids"]) > 0
+    assert mixed == pipe(["", PROMPTS[0]], seed=4, **SAMPLE)  # ... and equal to each row alone
+    assert mixed[0][0]["generated_text"] == expected_texts[0]
 
 
 def test_default_length_fills_the_context(pipe, tokenizer):
@@ -193,6 +205,36 @@ def test_default_length_fills_the_context(pipe, tokenizer):
     assert len(streamer.new_ids) == min(DEFAULT_MAX_NEW_TOKENS, MAX_POSITIONS - prompt_len)
     pipe(num_steps=2, seed=0, streamer=streamer)
     assert len(streamer.prompt_ids) == 0 and len(streamer.new_ids) == min(DEFAULT_MAX_NEW_TOKENS, MAX_POSITIONS)
+
+
+def test_text_ends_at_the_first_generated_eos(saved, tokenizer):
+    """With an EOS in the generation config, `generate` pads after the first generated EOS and the text ends at it;
+    `stop_at_eos=False` keeps everything."""
+    variant = saved[0]
+    model = make_model(variant, tokenizer)
+    eos = tokenizer.eos_token_id
+    assert model.generation_config.eos_token_id == eos
+    with torch.no_grad():  # make EOS likely, so that most rows have one early
+        model.backbone.output_layer.linear.bias[eos] += 8.0  # about 40% of x_hat on EOS (vocabulary 4096)
+    pipe = DLMTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    keep = dict(skip_special_tokens=False, return_full_text=False, num_return_sequences=4, **SAMPLE)
+    raw = model.generate(input_ids=prompt_ids(tokenizer, PROMPTS[0]).repeat(4, 1), generator=rows(3, 4),
+                         stop_at_eos=False, **SAMPLE)
+    new = raw[:, prompt_ids(tokenizer, PROMPTS[0]).shape[1]:].tolist()
+    assert any(eos in row[:-1] for row in new), variant  # the test needs an EOS before the last new token
+    cut = [row[:row.index(eos)] if eos in row else row for row in new]
+    assert texts(pipe(PROMPTS[0], seed=3, **keep)) == [tokenizer.decode(row, skip_special_tokens=False)
+                                                       for row in cut]
+    assert texts(pipe(PROMPTS[0], seed=3, stop_at_eos=False, **keep)) == [
+        tokenizer.decode(row, skip_special_tokens=False) for row in new]
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_argmax_rows_do_not_depend_on_the_batch(pipe, batch_size):
+    """A deterministic configuration (top_k=1: the argmax of x_hat at every step): prompts of different lengths,
+    left-padded together, give each prompt exactly its text alone with the same per-row seed."""
+    alone = [pipe(prompt, seed=row, top_k=1, **SAMPLE)[0] for row, prompt in enumerate(PROMPTS)]  # row r: seed 0 + r
+    assert [records[0] for records in pipe(PROMPTS, seed=0, top_k=1, batch_size=batch_size, **SAMPLE)] == alone
 
 
 # ---------------------------------------------------------------------------------------------------------------------

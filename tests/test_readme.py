@@ -63,3 +63,32 @@ print("README snippets ran")
                             timeout=900, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "README snippets ran" in result.stdout
+
+
+def test_readme_sft_snippet_runs_as_written(tmp_path):
+    """The SFT section's snippet: data from the synthetic task, a short Duo SFT run with the real Trainer, the
+    conditional bound and generated answers; in a folder holding the GPT-2 tokenizer as `gpt2/`."""
+    sft = python_blocks("## Conditional fine-tuning (SFT): prompt -> response")
+    assert len(sft) == 1, "the README's SFT snippet moved: update this test"
+    shutil.copytree(shared_data("tokenizers", "gpt2"), tmp_path / "gpt2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO)}
+    checks = '''
+assert train_ds.column_names == ["input_ids", "attention_mask", "prompt_mask"]
+row = train_ds[0]
+prompt_len = 1 + len(tok(rows[0]["prompt"], add_special_tokens=False).input_ids)   # [BOS] "map: d d d"
+assert sum(row["prompt_mask"]) == prompt_len and row["input_ids"][-1] == tok.eos_token_id
+assert stats == {"rows": 900, "kept": 900, "no_room": 0, "too_long": 0, "response_tokens": 900 * (16 - prompt_len)}
+assert trainer.state.global_step == 60
+bound = trainer.evaluate()
+assert 0 < bound["eval_nelbo"] < 20 and bound["eval_tokens"] == 100 * (16 - prompt_len)
+scores = sft_accuracy(model, tok, rows[900:932], seq_len=16, num_steps=16)
+assert scores["rows"] == 32 and 0 <= scores["token_accuracy"] <= 1
+print("SFT snippet ran")
+'''
+    script = tmp_path / "sft_snippet.py"
+    script.write_text(sft[0] + checks, encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=900, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "SFT snippet ran" in result.stdout
