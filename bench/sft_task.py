@@ -1,15 +1,19 @@
 """Conditional fine-tuning (SFT) of every variant on a synthetic task an unconditional model cannot solve.
 
-    python bench/sft_task.py           # 4 variants + LoRA SFT of MDLM; GPT-2 tokenizer; ~25 min on 2 cores
+    python bench/sft_task.py --steps 1000 --threads 1     # 4 variants + LoRA SFT of Duo; GPT-2 tokenizer; ~70 min
     python bench/sft_task.py --variants mdlm --steps 300 --lora_variant none     # one quick row
+    python bench/sft_task.py --variants --steps 1000 --threads 1                 # the LoRA row alone
 
 The task (`trainers.data.digit_map_task`): the prompt is a random number ("map: 3 1 4"), the response maps each
 digit through a fixed permutation ("0 8 9"): without reading the prompt every response digit is a 1-in-10 guess.
 Each variant is trained at tiny size through the real CLI (`dlm train --task sft`, a subprocess) on the JSONL file,
 then generates answers to held-out prompts (`trainers.evaluation.sft_accuracy`: the SFT canvas, one generator per
 row, stop at EOS). "before" is the same model before fine-tuning (the initial weights of `dlm train`'s seed). The
-LoRA row adapts a saved copy of that initial model (`--init_from BASE --lora_r R --merge_lora`) and scores the merged
-weights. Prints the table, and writes it (with the commands) to `--out`.
+LoRA row adapts a pretrained base, as LoRA is used: the same initial model first trained unconditionally (`--task lm`)
+for `--lora_base_steps` on `--lora_base_dataset` (general text, no digit maps), then `--init_from BASE --lora_r R
+--merge_lora`; "before" is that base, and the merged weights are scored. (LoRA on untrained DiT weights cannot learn:
+the zero-initialised output layer is frozen, so the logits stay uniform.) Prints the table, and writes it (with the
+commands) to `--out`.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ CHANCE = 0.1  # one of ten digits
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["mdlm", "duo", "sddlm", "replaid"])
-    parser.add_argument("--lora_variant", default="mdlm", help="variant of the LoRA row ('none' to skip)")
+    parser.add_argument("--variants", nargs="*", default=["mdlm", "duo", "sddlm", "replaid"])
+    parser.add_argument("--lora_variant", default="duo", help="variant of the LoRA row ('none' to skip)")
     parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--lora_targets", default=None, help="--lora_target_modules of the LoRA row (default: dlm's)")
+    parser.add_argument("--lora_base_steps", type=int, default=300, help="unconditional pretraining of the LoRA base")
+    parser.add_argument("--lora_base_dataset", default="builtin", help="text the LoRA base is pretrained on")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--digits", type=int, nargs=2, default=[3, 3], metavar=("MIN", "MAX"))
     parser.add_argument("--seq_len", type=int, default=16)
@@ -105,17 +112,25 @@ def main(argv=None) -> int:
         config_path.write_text(json.dumps(model_body(variant, args)))
         set_seed(args.seed)  # the initial weights `dlm train --seed` builds
         base = build_model(variant, tokenizer=tokenizer, seq_len=args.seq_len, **model_body(variant, args))
-        before = sft_accuracy(base.eval(), tokenizer, test_rows, **score)
         name = f"{variant} + LoRA r={args.lora_r}" if lora else variant
         output = work / (f"{variant}_lora" if lora else variant)
-        if lora:
+        base_seconds = 0.0
+        if lora:  # pretrain the base unconditionally on general text, then adapt it
             base_dir = work / f"{variant}_base"
-            base.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
+            pretrain = ["train", "--variant", variant, "--config", str(config_path), "--dataset",
+                        args.lora_base_dataset, "--tokenizer", args.tokenizer, "--seq_len", str(args.seq_len),
+                        "--max_steps", str(args.lora_base_steps), "--per_device_train_batch_size", str(args.batch),
+                        "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "constant_with_warmup",
+                        "--warmup_steps", "20", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm",
+                        "true", "--seed", str(args.seed), "--output_dir", str(base_dir)]
+            _, base_seconds = dlm(*pretrain, threads=args.threads)
+            base = load_model(str(base_dir), "cpu")
             cli = ["train", "--variant", variant, "--init_from", str(base_dir), "--lora_r", str(args.lora_r),
-                   "--lora_alpha", str(2 * args.lora_r), "--merge_lora", "true", "--output_dir", str(output), *common]
+                   "--lora_alpha", str(2 * args.lora_r), "--merge_lora", "true", "--output_dir", str(output), *common,
+                   *(["--lora_target_modules", args.lora_targets] if args.lora_targets else [])]
         else:
             cli = ["train", "--variant", variant, "--config", str(config_path), "--output_dir", str(output), *common]
+        before = sft_accuracy(base.eval(), tokenizer, test_rows, **score)
         metrics, seconds = dlm(*cli, threads=args.threads)
         trained = load_model(str(output / "merged") if lora else str(output), "cpu")
         after = sft_accuracy(trained, load_tokenizer(str(output / "merged") if lora else str(output), trained),
@@ -123,7 +138,9 @@ def main(argv=None) -> int:
         rows.append({"model": name, "steps": args.steps, "seconds": round(seconds, 1),
                      "before_token": before["token_accuracy"], "before_exact": before["exact_match"],
                      "after_token": after["token_accuracy"], "after_exact": after["exact_match"],
-                     "eval_nelbo": metrics.get("eval_nelbo"), "command": "dlm " + " ".join(cli)})
+                     "eval_nelbo": metrics.get("eval_nelbo"), "command": "dlm " + " ".join(cli),
+                     **({"base_steps": args.lora_base_steps, "base_seconds": round(base_seconds, 1),
+                         "base_command": "dlm " + " ".join(pretrain)} if lora else {})})
         print(f"{name}: token accuracy {before['token_accuracy']:.3f} -> {after['token_accuracy']:.3f}, exact "
               f"{before['exact_match']:.3f} -> {after['exact_match']:.3f} ({seconds:.0f} s)", flush=True)
 
