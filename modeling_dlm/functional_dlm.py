@@ -194,13 +194,12 @@ def sample_at(probs_of, rows: tuple[torch.Tensor, ...], shape, generator=None, d
     """Inverse-CDF draws at the positions `rows` (a `nonzero(as_tuple=True)` into `shape`) from `probs_of(rows)`
     (N, V): one float64 uniform per position from a plain generator (no draw when N = 0), or, from `RowGenerators`,
     a uniform at every position of every row (so that a row's stream never depends on the other rows). (N,) ids."""
-    if isinstance(generator, RowGenerators):
+    n = rows[0].numel()
+    if isinstance(generator, RowGenerators):  # every row draws its full stream, whatever n is
         u = draw_rand(shape, generator, device, torch.float64)[rows]
-    elif rows[0].numel():
-        u = torch.rand(rows[0].numel(), generator=generator, device=device, dtype=torch.float64)
-    else:
-        return rows[0].new_zeros(0)
-    return inverse_cdf(probs_of(rows), u) if rows[0].numel() else rows[0].new_zeros(0)
+    elif n:
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    return inverse_cdf(probs_of(rows), u) if n else rows[0].new_zeros(0)
 
 
 def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -375,7 +375,7 @@ class DiffusionLMGenerationMixin:
 
         if infill_mask is None and self._stops_at_eos(gen):
             draft = pad_after_eos(draft, canvas.shape[1] - (gen.max_new_tokens or 0), gen.eos_token_id,
-                                  gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id)
+                                  gen.pad_token_id)
         if streamer is not None:
             streamer.put(draft[:, prompt_len:].cpu())
             streamer.end()
@@ -436,12 +436,13 @@ class DiffusionLMGenerationMixin:
 
 def pad_after_eos(ids: torch.Tensor, start: int, eos_token_id, pad_token_id) -> torch.Tensor:
     """`ids` (B, L) with every position after the first EOS at or after `start` (the first new token) set to
-    `pad_token_id`; the EOS itself and everything before `start` stay. No host sync."""
-    eos = torch.as_tensor(eos_token_id, device=ids.device).reshape(-1)
-    new = ids[:, start:]
-    is_eos = torch.isin(new, eos)
-    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly before this position
+    `pad_token_id` (the first EOS id when None); the EOS itself and everything before `start` stay. No host sync:
+    the ids are config values, made tensors here."""
+    eos = torch.as_tensor(eos_token_id).reshape(-1)  # on the CPU: reading the pad id from it syncs nothing
     pad = int(eos[0]) if pad_token_id is None else int(torch.as_tensor(pad_token_id).reshape(-1)[0])
+    new = ids[:, start:]
+    is_eos = torch.isin(new, eos.to(ids.device))
+    after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly before this position
     return torch.cat([ids[:, :start], new.masked_fill(after, pad)], dim=1)
 
 
