@@ -156,6 +156,16 @@ class RowGenerators:
         self.generators = list(generators)
         self.lengths = [int(n) for n in lengths]
 
+    def select(self, rows: list[int]) -> RowGenerators:
+        """The generators of `rows` (a sampler that runs the network on unfinished rows only): each row keeps its own
+        stream, so a row's draws never depend on which other rows are still running."""
+        return RowGenerators([self.generators[r] for r in rows], [self.lengths[r] for r in rows])
+
+    def narrow(self, drop: int) -> RowGenerators:
+        """The same rows on a canvas `drop` columns narrower on the right (a semi-autoregressive block's prefix):
+        each row's real part still starts at its first real column."""
+        return RowGenerators(self.generators, [max(0, n - drop) for n in self.lengths])
+
     def draw(self, fill, shape: tuple[int, ...], device, dtype: torch.dtype) -> torch.Tensor:
         """`fill(tensor, generator)` fills a tensor in place (e.g. `Tensor.uniform_`); per row over its real part of
         a (B, L, ...) tensor of `dtype`."""
@@ -265,6 +275,23 @@ def row_stopped_matmul(a: torch.Tensor, w: torch.Tensor, stop: torch.Tensor | No
     if stop is None or not bool(stop.any()):
         return a @ w
     return _RowStoppedMatmul.apply(a, w, (~stop.to(a.device)).to(a.dtype))
+
+
+def softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy, top probability) of softmax(logits, -1) for logits (..., V) (filtered entries may be -inf), both
+    (...,) float32, in cache-sized row chunks on CPU (one chunk on accelerators): no (..., V) softmax is kept. The
+    statistics the adaptive samplers rank positions by (`generation_dlm`)."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    entropy = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    top = torch.empty_like(entropy)
+    starts, step = row_chunks(flat.shape[0], V, logits.device)
+    for i in starts:
+        log_p = torch.log_softmax(flat[i:i + step].float(), dim=-1)  # (n, V)
+        p = log_p.exp()
+        entropy[i:i + step] = -(p * log_p.masked_fill(p == 0, 0.0)).sum(-1)  # 0 log 0 = 0 at filtered entries
+        top[i:i + step] = p.amax(-1)
+    return entropy.view(logits.shape[:-1]), top.view(logits.shape[:-1])
 
 
 def softmax_matmul(logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

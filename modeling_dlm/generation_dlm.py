@@ -25,7 +25,9 @@ decodes is `final_step`:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import ModelOutput
 
-from .functional_dlm import RowGenerators
+from .functional_dlm import RowGenerators, sample_at, softmax_stats
 
 
 logger = logging.getLogger(__name__)
@@ -56,12 +58,33 @@ class DiffusionGenerationConfig(GenerationConfig):
         stop_at_eos: after sampling, the new tokens that follow the first generated `eos_token_id` become
             `pad_token_id` (EOS if there is none) in the returned ids, so a conditional model's answer ends at its EOS;
             None (default) = on when the config has an `eos_token_id`. Appended tokens only (not infilling).
+        block_size: semi-autoregressive decoding (None = off, the default): the generated region is split into
+            blocks of `block_size` columns, decoded left to right with any sampler; each block is decoded with the
+            earlier ones fixed as context and the later ones not yet in the canvas (the network sees the prefix up
+            to the block's end). `num_steps` is shared evenly between the blocks (the first ones take the
+            remainder), so it must be at least the number of blocks. With `stop_at_eos`, blocks after one in which
+            every row has generated EOS are not decoded (they would be padding).
         show_progress: draw a tqdm bar over the steps (off by default).
         output_trajectory: with `return_dict_in_generate`, also return the token draft after every step.
         max_new_tokens, temperature, top_k, top_p, return_dict_in_generate, pad/bos/eos ids: as in transformers.
+
+    The adaptive samplers (`ADAPTIVE_SAMPLERS`; see `DiffusionLMGenerationMixin._commit_step`) decide per step which
+    positions to commit; `num_steps` is then an upper bound on the network calls (of each block). Their settings,
+    present on the classes whose samplers use them (`ADAPTIVE_FIELDS`):
+        confidence_threshold (MDLM, `sampler="confidence"`): commit every masked position whose top probability
+            under x_hat is >= this; in (0, 1].
+        entropy_bound (`sampler="entropy_bound"`): commit the lowest-entropy positions while their summed entropy
+            (nats) stays <= this; > 0.
+        allow_revision (SDDLM, Duo): with `"entropy_bound"`, committed tokens may be re-drawn when they rank under
+            the bound again (the self-correction of uniform-state models); False = committed tokens are final.
+        stability_steps: with revision, a row ends once every position is committed and nothing changed for this
+            many steps (RePlaid's `stop_when_stable`: once its argmax decode did not change for this many steps).
+        stop_when_stable (RePlaid): end a row early when its argmax decode is stable (`stability_steps`).
     """
 
     SAMPLERS: tuple[str, ...] = ("ancestral", "greedy_tail")
+    ADAPTIVE_SAMPLERS: tuple[str, ...] = ()
+    ADAPTIVE_FIELDS: dict = {}
     DEFAULT_NUM_STEPS = 128
     DEFAULT_SAMPLER = "ancestral"
     FINAL_STEPS: tuple[str, ...] = ("grid", "noise_removal")
@@ -72,6 +95,9 @@ class DiffusionGenerationConfig(GenerationConfig):
         self.sampler = kwargs.pop("sampler", self.DEFAULT_SAMPLER)
         self.final_step = kwargs.pop("final_step", self.DEFAULT_FINAL_STEP)
         self.noise_removal_eps = kwargs.pop("noise_removal_eps", 1e-5)
+        self.block_size = kwargs.pop("block_size", None)
+        for name, default in self.ADAPTIVE_FIELDS.items():
+            setattr(self, name, kwargs.pop(name, default))
         self.show_progress = kwargs.pop("show_progress", False)
         self.stop_at_eos = kwargs.pop("stop_at_eos", None)
         self.output_trajectory = kwargs.pop("output_trajectory", False)
@@ -112,6 +138,23 @@ class DiffusionGenerationConfig(GenerationConfig):
         if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int)
                                                 or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 0):
             bad("max_new_tokens", "a non-negative integer")
+        if self.block_size is not None and not _is_positive_int(self.block_size):
+            bad("block_size", "None (off) or an integer >= 1")
+        if hasattr(self, "confidence_threshold") and not (_is_number(self.confidence_threshold)
+                                                          and 0 < self.confidence_threshold <= 1):
+            bad("confidence_threshold", "a probability in (0, 1]")
+        if hasattr(self, "entropy_bound") and not (_is_number(self.entropy_bound) and self.entropy_bound > 0
+                                                   and math.isfinite(self.entropy_bound)):
+            bad("entropy_bound", "a finite number of nats > 0")
+        for flag in ("allow_revision", "stop_when_stable"):
+            if hasattr(self, flag) and not isinstance(getattr(self, flag), bool):
+                bad(flag, "True or False")
+        if hasattr(self, "stability_steps") and not _is_positive_int(self.stability_steps):
+            bad("stability_steps", "an integer >= 1")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _is_number(value) -> bool:
@@ -119,7 +162,13 @@ def _is_number(value) -> bool:
 
 
 class UniformGenerationConfig(DiffusionGenerationConfig):
-    """Uniform-state sampling (SDDLM, Duo): ancestral or greedy-tail."""
+    """Uniform-state sampling (SDDLM, Duo): ancestral, greedy-tail, or the adaptive `"entropy_bound"` sampler (from a
+    uniform canvas; uncommitted positions are re-noised with uniform tokens every step, committed ones may be revised
+    with `allow_revision`)."""
+
+    SAMPLERS = ("ancestral", "greedy_tail", "entropy_bound")
+    ADAPTIVE_SAMPLERS = ("entropy_bound",)
+    ADAPTIVE_FIELDS = {"entropy_bound": 0.1, "allow_revision": False, "stability_steps": 1}
 
 
 class SDDLMGenerationConfig(UniformGenerationConfig):
@@ -134,7 +183,14 @@ class MDLMGenerationConfig(DiffusionGenerationConfig):
     r"""MDLM. `cache_predictions` (default True) is MDLM's caching sampler, per sequence: a sequence whose z_t did not
     change in a step keeps its x_hat, and the network runs only on the sequences that changed (no call at all when
     none did). Exact, because the network ignores time: the samples are those of plain ancestral sampling with the
-    same generator. False calls the network on the whole batch at every step."""
+    same generator. False calls the network on the whole batch at every step.
+    The adaptive samplers: `"confidence"` (Fast-dLLM's threshold rule, `confidence_threshold`) and `"entropy_bound"`
+    (`entropy_bound`); both commit masked positions only (MDLM is not trained on unmasked ones, so there is no
+    revision)."""
+
+    SAMPLERS = ("ancestral", "greedy_tail", "confidence", "entropy_bound")
+    ADAPTIVE_SAMPLERS = ("confidence", "entropy_bound")
+    ADAPTIVE_FIELDS = {"confidence_threshold": 0.9, "entropy_bound": 0.1}
 
     def __init__(self, **kwargs):
         self.cache_predictions = kwargs.pop("cache_predictions", True)
@@ -148,9 +204,12 @@ class MDLMGenerationConfig(DiffusionGenerationConfig):
 
 class RePlaidGenerationConfig(DiffusionGenerationConfig):
     r"""RePlaid sampling. `score_temperature` (Plaid default 0.9 in its sampler, 1.0 here = plain VDM) divides the
-    predicted noise; `sampler` is `"ancestral"` (VDM/DDPM) or `"ddim"`."""
+    predicted noise; `sampler` is `"ancestral"` (VDM/DDPM) or `"ddim"`. `stop_when_stable=True` is RePlaid's adaptive
+    stop: a row ends (and leaves the network's batch) once its argmax decode has not changed for `stability_steps`
+    consecutive steps; its tokens are that decode."""
 
     SAMPLERS = ("ancestral", "ddim")
+    ADAPTIVE_FIELDS = {"stop_when_stable": False, "stability_steps": 8}
 
     def __init__(self, **kwargs):
         self.score_temperature = kwargs.pop("score_temperature", 1.0)
@@ -164,13 +223,16 @@ class RePlaidGenerationConfig(DiffusionGenerationConfig):
 
 @dataclass
 class DiffusionGenerateOutput(ModelOutput):
-    """`sequences` (B, L) token ids; `trajectory` (num_steps, B, L) drafts if requested; `num_forward_passes`: network
-    calls; `num_forward_sequences`: sequences those calls ran on in total (num_steps x B without MDLM's cache)."""
+    """`sequences` (B, L) token ids; `trajectory` (steps run, B, L) drafts if requested; `num_forward_passes`: network
+    calls; `num_forward_sequences`: sequences those calls ran on in total (num_steps x B without MDLM's cache or an
+    adaptive sampler); `num_forward_passes_per_sequence` (B,) long: the network calls each sequence took part in
+    (adaptive samplers and RePlaid's `stop_when_stable` end each row on its own)."""
 
     sequences: torch.LongTensor | None = None
     trajectory: torch.LongTensor | None = None
     num_forward_passes: int | None = None
     num_forward_sequences: int | None = None
+    num_forward_passes_per_sequence: torch.LongTensor | None = None
 
 
 def filter_logits(
@@ -369,7 +431,8 @@ class DiffusionLMGenerationMixin:
         self.eval()
         try:
             with self.ids_checked():  # the loop feeds the network only ids it sampled: no per-step range check
-                draft, trajectory, state = self._sampling_loop(canvas, given, mask, gen, generator, streamer)
+                draft, trajectory, state = self._sampling_loop(canvas, given, mask, gen, generator, streamer,
+                                                               appended=infill_mask is None)
         finally:
             self.train(was_training)
 
@@ -385,30 +448,181 @@ class DiffusionLMGenerationMixin:
                 trajectory=torch.stack(trajectory) if trajectory else None,
                 num_forward_passes=state["forward_passes"],
                 num_forward_sequences=state["forward_sequences"],
+                num_forward_passes_per_sequence=state["row_passes"],
             )
         return draft
 
 
-    def _sampling_loop(self, canvas, given, mask, gen, generator, streamer):
-        """The one sampling loop: from the process's prior, one network call and one process step per time step;
-        given tokens are clamped once per step (`process.fix`). Returns (draft (B, L), trajectory, state)."""
+    def _sampling_loop(self, canvas, given, mask, gen, generator, streamer, appended: bool = True):
+        """The one sampling loop. One prior draw for the whole canvas; then, block by block (one block, the whole
+        canvas, without `block_size`), one network call and one step per iteration, on the rows still running.
+        Fixed-grid samplers step the process along the time grid (`process.step`, then `process.fix` clamps the
+        given tokens); adaptive samplers commit positions by their rule (`_commit_step`). Returns (draft (B, L),
+        trajectory, state)."""
         process = self.noise_process
+        B, L = canvas.shape
+        device = canvas.device
+        state = {"mask": mask, "forward_passes": 0, "forward_sequences": 0, "row_index": None,
+                 "row_passes": torch.zeros(B, dtype=torch.long, device=device)}
+        prior = process.prior_sample(canvas.shape, generator, device)  # (B, L): one draw, whatever the blocks
+        blocks = _blocks(gen, given)
+        if len(blocks) == 1 and blocks[0] == (0, L):
+            budgets = [gen.num_steps]
+        else:
+            if gen.num_steps < len(blocks):
+                raise ValueError(f"`num_steps`={gen.num_steps} is fewer than the {len(blocks)} blocks of "
+                                 f"`block_size`={gen.block_size}: every block needs at least one step")
+            share, extra = divmod(gen.num_steps, len(blocks))
+            budgets = [share + (i < extra) for i in range(len(blocks))]
+        prior_tokens = process.tokens(prior)
+        out = canvas if prior_tokens is None else torch.where(given, canvas, prior_tokens)  # (B, L) the draft
+        trajectory = []
+        stop_ids = self._block_stop_ids(gen, given) if appended else None
+        for (start, end), budget in zip(blocks, budgets):
+            width_given = given[:, :end] | (torch.arange(end, device=device) < start)  # earlier blocks: context
+            block_generator = generator.narrow(L - end) if isinstance(generator, RowGenerators) else generator
+            state["mask"] = None if mask is None else mask[:, :end]
+            state.pop("logits", None)  # MDLM's cache belongs to one block's canvas
+            z = process.fix(_state_map(prior, lambda x, end=end: x[:, :end]), out[:, :end], width_given)
+
+            def emit(z_block, end=end, out=out):
+                draft = process.tokens(z_block)
+                full = draft if end == L else torch.cat([draft, out[:, end:]], dim=1)
+                if gen.output_trajectory:
+                    trajectory.append(full)
+                if streamer is not None and hasattr(streamer, "put_draft"):
+                    streamer.put_draft(full.cpu())
+
+            z = self._decode_block(process, z, out[:, :end], width_given, gen, block_generator, budget, state, emit)
+            out = process.tokens(z) if end == L else torch.cat([process.tokens(z), out[:, end:]], dim=1)
+            if stop_ids is not None and end < L and bool(torch.isin(out[:, stop_ids[1]:end], stop_ids[0])
+                                                         .any(-1).all()):
+                break  # every row has generated EOS: the later blocks would be padding
+        state["mask"] = mask
+        return out, trajectory, state
+
+    def _block_stop_ids(self, gen, given):
+        """(EOS ids tensor, first generated column) when semi-AR blocks may stop at EOS, else None."""
+        if gen.block_size is None or not self._stops_at_eos(gen):
+            return None
+        first = int(given.long().sum(-1).min())  # appended generation: every row's prompt spans this many columns
+        return torch.as_tensor(gen.eos_token_id, device=given.device).reshape(-1), first
+
+    def _decode_block(self, process, z, x0, given, gen, generator, num_steps, state, emit):
+        """Up to `num_steps` iterations on the canvas prefix z (B, W): the network on the rows still running, then
+        the sampler's step. Fixed grid: every row runs every step (no host sync) unless RePlaid's
+        `stop_when_stable`; adaptive samplers: a row ends when its rule says so (one host sync per step)."""
+        adaptive = gen.sampler in getattr(gen, "ADAPTIVE_SAMPLERS", ())
+        stable_stop = bool(getattr(gen, "stop_when_stable", False))
         options = self._step_options(gen)
-        state = {"mask": mask, "forward_passes": 0, "forward_sequences": 0}
-        ts = sampling_time_grid(gen, canvas.device)
-        z = process.fix(process.prior_sample(canvas.shape, generator, canvas.device), canvas, given)
-        draft, trajectory = canvas, []
-        for k in _progress(range(gen.num_steps), gen.show_progress, f"{type(self).__name__} sampling"):
-            final = k == gen.num_steps - 1  # s = 0 exactly: a flag, not a comparison of tensors (no host sync)
-            logits = self._sampling_logits(process, z, ts[k], state, gen)  # filtered x_hat logits (B, L, V)
-            z = process.step(logits, z, ts[k], ts[k + 1], generator=generator, final=final, **options)
-            z = process.fix(z, canvas, given, ts[k + 1], generator=generator, final=final)
-            draft = process.tokens(z)
-            if gen.output_trajectory:
-                trajectory.append(draft)
-            if streamer is not None and hasattr(streamer, "put_draft"):
-                streamer.put_draft(draft.cpu())
-        return draft, trajectory, state
+        B = x0.shape[0]
+        ts = sampling_time_grid(gen, x0.device, num_steps)
+        if adaptive:
+            commit = _CommitState(given, process.tokens(z))
+            running = commit.running(gen)  # rows with something to generate
+        else:
+            running = None  # every row, every step
+        unchanged = torch.zeros(B, dtype=torch.long, device=x0.device)
+        for k in _progress(range(num_steps), gen.show_progress, f"{type(self).__name__} sampling"):
+            rows = None
+            if running is not None:
+                if not bool(running.any()):
+                    break
+                if not bool(running.all()):
+                    rows = running.nonzero().squeeze(-1)
+            sub = (lambda x: x) if rows is None else (lambda x, rows=rows: x[rows])
+            z_rows, x0_rows, given_rows = _state_map(z, sub), sub(x0), sub(given)
+            row_generator = generator
+            if rows is not None and isinstance(generator, RowGenerators):
+                row_generator = generator.select(rows.tolist())
+            full_mask = state["mask"]
+            state["mask"], state["row_index"] = (None if full_mask is None else sub(full_mask)), rows
+            final = k == num_steps - 1  # s = 0 exactly: a flag, not a comparison of tensors (no host sync)
+            if adaptive:
+                t = commit.time(process, gen, rows)  # (n,) float64: the noise level of each row's canvas
+                state["unfiltered"] = True
+                logits = self._sampling_logits(process, z_rows, t, state, gen)  # x_hat logits (n, W, V), float32
+                state["unfiltered"] = False
+                z_new, done = self._commit_step(process, gen, logits, z_rows, commit, rows, num_steps - k,
+                                                row_generator)
+            else:
+                logits = self._sampling_logits(process, z_rows, ts[k], state, gen)
+                z_new = process.step(logits, z_rows, ts[k], ts[k + 1], generator=row_generator, final=final,
+                                     **options)
+                z_new = process.fix(z_new, x0_rows, given_rows, ts[k + 1], generator=row_generator, final=final)
+                done = None
+                if stable_stop:
+                    if k == 0:
+                        running = torch.ones(B, dtype=torch.bool, device=x0.device)
+                    else:
+                        same = (process.tokens(z_new) == process.tokens(z_rows)).all(-1)
+                        sub_unchanged = torch.where(same, sub(unchanged) + 1, 0)
+                        if rows is None:
+                            unchanged = sub_unchanged
+                        else:
+                            unchanged[rows] = sub_unchanged
+                        done = sub_unchanged >= gen.stability_steps
+            state["mask"], state["row_index"] = full_mask, None
+            z = z_new if rows is None else _state_put(z, rows, z_new)
+            if done is not None:
+                if rows is None:
+                    running = running & ~done
+                else:
+                    running[rows] = running[rows] & ~done
+            emit(z)
+        return z
+
+    def _commit_step(self, process, gen, logits, z, commit, rows, steps_left, generator):
+        """One step of an adaptive sampler on the running rows (n, W): which positions to commit, their tokens, and
+        the re-noised rest. Returns (z (n, W), done (n,) bool).
+        - `"confidence"` (MDLM): every open (masked) position whose top probability under x_hat is >=
+          `confidence_threshold`;
+        - `"entropy_bound"`: the open positions by increasing entropy of x_hat, as many as keep the summed entropy
+          <= `entropy_bound` (with `allow_revision`, the ranking runs over every generated position, so a committed
+          one that ranks again is re-drawn);
+        and always at least max(1, ceil(open / steps_left)) open positions, the best ranked: at least one per step,
+        and the canvas is complete by the last step, so `num_steps` bounds the calls. Positions are ranked by x_hat
+        itself (the network's distribution); committed positions draw from x_hat after temperature / top-k / top-p
+        (`top_k=1`: the argmax); positions not committed yet are
+        re-noised from the process's prior (uniform tokens; MDLM: they stay masked). A row is done when every
+        position is committed and, with revision, nothing changed for `stability_steps` steps."""
+        given, accepted = commit.given(rows), commit.accepted(rows)
+        open_ = ~given & ~accepted  # (n, W) positions still to commit
+        entropy, top = softmax_stats(logits)  # (n, W) each, float32: of x_hat itself, before any filtering
+        remaining = open_.sum(-1, keepdim=True)  # (n, 1)
+        floor = torch.clamp(-(-remaining // steps_left), min=1)  # ceil(remaining / steps_left), at least 1
+        if gen.sampler == "confidence":
+            score = torch.where(open_, top, -1.0)  # higher is better
+            by_rule = open_ & (top >= gen.confidence_threshold)
+        else:
+            revise = bool(getattr(gen, "allow_revision", False))
+            ranked = ~given if revise else open_
+            key = torch.where(ranked, entropy, float("inf"))
+            order = torch.argsort(key, dim=-1, stable=True)  # (n, W) ascending entropy; not-ranked positions last
+            within = torch.cumsum(key.gather(-1, order), -1) <= gen.entropy_bound  # (n, W) in sorted order
+            by_rule = torch.zeros_like(open_).scatter(-1, order, within) & ranked
+            score = torch.where(open_, -entropy, -float("inf"))
+        best_first = torch.argsort(score, dim=-1, descending=True, stable=True)
+        rank = torch.argsort(best_first, dim=-1, stable=True)  # (n, W) each position's rank, 0 = best
+        chosen = by_rule | (open_ & (rank < floor))  # (n, W)
+        positions = chosen.nonzero(as_tuple=True)
+        draws = sample_at(lambda where: torch.softmax(filter_logits(logits[where], gen.temperature, gen.top_k,
+                                                                     gen.top_p), dim=-1),
+                          positions, tuple(z.shape), generator, z.device)
+        z_new = z.clone()
+        z_new[positions] = draws
+        changed = (chosen & (open_ | (z_new != z))).any(-1)  # (n,) a new commitment or a revised token
+        accepted = accepted | chosen
+        noise = process.prior_sample(tuple(z.shape), generator, z.device)
+        z_new = torch.where(given | accepted, z_new, noise)  # uncommitted positions: back to the prior
+        commit.update(rows, accepted, changed)
+        complete = (given | accepted).all(-1)
+        if getattr(gen, "allow_revision", False):
+            done = complete & (commit.unchanged(rows) >= gen.stability_steps)
+        else:
+            done = complete
+        commit.finish(rows, done)
+        return z_new, done
 
     @staticmethod
     def _stops_at_eos(gen: DiffusionGenerationConfig) -> bool:
@@ -425,13 +639,118 @@ class DiffusionLMGenerationMixin:
         """The filtered logits of x_hat at (z, t) (hook: MDLM reuses each row's logits while its z is unchanged)."""
         return self._network_logits(process, z, t, state["mask"], state, gen)
 
-    def _network_logits(self, process, z, t, mask, state: dict, gen: DiffusionGenerationConfig) -> torch.Tensor:
-        """One network call at (z, t), counted in `state`; the process's x_hat logits (SUBS for MDLM), then
-        temperature, top-k and top-p (float32, (n, L, V))."""
+    def _network_logits(self, process, z, t, mask, state: dict, gen: DiffusionGenerationConfig,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One network call at (z, t), counted in `state` (per sequence too: `rows` are the rows of z it runs on,
+        None = all); the process's x_hat logits (SUBS for MDLM), then temperature, top-k and top-p (float32,
+        (n, L, V))."""
         logits = self(**process.model_inputs(z, t), attention_mask=mask).logits
         state["forward_passes"] += 1
         state["forward_sequences"] += logits.shape[0]
+        index = state.get("row_index")  # the batch rows of z (None: z is the whole batch)
+        if rows is not None:
+            index = rows if index is None else index[rows]
+        if index is None:
+            state["row_passes"] += 1
+        else:
+            state["row_passes"][index] += 1
+        if state.get("unfiltered"):  # an adaptive sampler ranks by x_hat itself and filters its draws
+            return process.denoise_logits(logits).float()
         return filter_logits(process.denoise_logits(logits), gen.temperature, gen.top_k, gen.top_p)
+
+
+class _CommitState:
+    """What an adaptive sampler keeps between steps, for the whole batch (B, W): the given positions, the committed
+    ones, each row's count of steps without a change, and which rows still run."""
+
+    def __init__(self, given: torch.Tensor, tokens: torch.Tensor):
+        self._given = given
+        self._accepted = torch.zeros_like(given)
+        self._unchanged = torch.zeros(given.shape[0], dtype=torch.long, device=given.device)
+        self._running = (~given).any(-1)  # rows with nothing to generate are done before the first call
+
+    def running(self, gen) -> torch.Tensor:
+        return self._running
+
+    def _rows(self, value, rows):
+        return value if rows is None else value[rows]
+
+    def given(self, rows):
+        return self._rows(self._given, rows)
+
+    def accepted(self, rows):
+        return self._rows(self._accepted, rows)
+
+    def unchanged(self, rows):
+        return self._rows(self._unchanged, rows)
+
+    def time(self, process, gen, rows) -> torch.Tensor:
+        """The time of each running row's canvas (n,) float64: the committed share of its generated positions is its
+        keep probability alpha (the process's marginal at that level: clean committed tokens, prior elsewhere),
+        mapped through the schedule and kept in [noise_removal_eps, 1], the range the network was trained on."""
+        given, accepted = self.given(rows), self.accepted(rows)
+        share = accepted.sum(-1).double() / (~given).sum(-1).clamp(min=1).double()  # (n,)
+        return process.schedule.t_from_alpha(share).clamp(gen.noise_removal_eps, 1.0)
+
+    def update(self, rows, accepted, changed) -> None:
+        unchanged = torch.where(changed, 0, self.unchanged(rows) + 1)
+        if rows is None:
+            self._accepted, self._unchanged = accepted, unchanged
+        else:
+            self._accepted[rows], self._unchanged[rows] = accepted, unchanged
+
+    def finish(self, rows, done) -> None:
+        if rows is None:
+            self._running = self._running & ~done
+        else:
+            self._running[rows] = self._running[rows] & ~done
+
+
+def _blocks(gen, given: torch.Tensor) -> list[tuple[int, int]]:
+    """The (start, end) column ranges decoded one after the other: [(0, W)] without `block_size`; else blocks of
+    `block_size` columns from the first column any row generates, skipping blocks with nothing to generate."""
+    W = given.shape[1]
+    if gen.block_size is None:
+        return [(0, W)]
+    todo = (~given).any(0)  # (W,) columns some row generates
+    first = int(todo.long().argmax()) if bool(todo.any()) else W
+    blocks = []
+    for start in range(first, W, gen.block_size):
+        end = min(start + gen.block_size, W)
+        if bool(todo[start:end].any()):
+            blocks.append((start, end))
+    return blocks or [(0, W)]
+
+
+def _state_map(z, fn):
+    """`fn` applied to a sampler state: a tensor, or each tensor field of a state dataclass (RePlaid's latent)."""
+    if isinstance(z, torch.Tensor):
+        return fn(z)
+    return dataclasses.replace(z, **{f.name: fn(getattr(z, f.name)) for f in dataclasses.fields(z)
+                                     if isinstance(getattr(z, f.name), torch.Tensor)})
+
+
+def _state_put(z, rows: torch.Tensor, z_rows):
+    """The state z with its `rows` replaced by z_rows (fields that z lacks yet are created)."""
+    if isinstance(z, torch.Tensor):
+        out = z.clone()
+        out[rows] = z_rows
+        return out
+    values = {}
+    for f in dataclasses.fields(z):
+        full, part = getattr(z, f.name), getattr(z_rows, f.name)
+        if part is None:
+            values[f.name] = full
+            continue
+        out = part.new_zeros((_batch_size(z),) + tuple(part.shape[1:])) if full is None else full.clone()
+        out[rows] = part
+        values[f.name] = out
+    return dataclasses.replace(z, **values)
+
+
+def _batch_size(z) -> int:
+    return next(getattr(z, f.name).shape[0] for f in dataclasses.fields(z)
+                if isinstance(getattr(z, f.name), torch.Tensor))
 
 
 def pad_after_eos(ids: torch.Tensor, start: int, eos_token_id, pad_token_id) -> torch.Tensor:
@@ -457,13 +776,14 @@ def _row_generators(generators, batch: int, width: int, mask: torch.Tensor | Non
     return RowGenerators(list(generators), (width - first).tolist())
 
 
-def sampling_time_grid(gen: DiffusionGenerationConfig, device=None) -> torch.Tensor:
+def sampling_time_grid(gen: DiffusionGenerationConfig, device=None, num_steps: int | None = None) -> torch.Tensor:
     """The times of the loop, (num_steps + 1,) float64 from 1 to 0: call k runs at ts[k] and steps to ts[k + 1]; the
     last call (ts[-2] -> 0) decodes. `final_step="grid"`: 1 - k / num_steps; `"noise_removal"`:
-    linspace(1, eps, num_steps) then 0."""
+    linspace(1, eps, num_steps) then 0. `num_steps` defaults to the config's (a block's share with `block_size`)."""
+    num_steps = gen.num_steps if num_steps is None else num_steps
     if gen.final_step == "grid":
-        return torch.linspace(1.0, 0.0, gen.num_steps + 1, dtype=torch.float64, device=device)
-    ts = torch.linspace(1.0, gen.noise_removal_eps, gen.num_steps, dtype=torch.float64, device=device)
+        return torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64, device=device)
+    ts = torch.linspace(1.0, gen.noise_removal_eps, num_steps, dtype=torch.float64, device=device)
     return torch.cat([ts, ts.new_zeros(1)])
 
 
@@ -509,7 +829,8 @@ class MDLMGenerationMixin(DiffusionLMGenerationMixin):
         a sequence whose z_t did not change since its last call keeps its (filtered) logits exactly, and only the
         changed rows are recomputed (their count is one host sync per step)."""
         logits = state.get("logits")
-        if logits is None or self.config.time_conditioning or not getattr(gen, "cache_predictions", True):
+        adaptive = gen.sampler in gen.ADAPTIVE_SAMPLERS  # they change every running row at every step: no reuse
+        if adaptive or logits is None or self.config.time_conditioning or not getattr(gen, "cache_predictions", True):
             logits = self._network_logits(process, z, t, state["mask"], state, gen)
         else:
             stale = (z != state["last_z"]).any(-1)  # (B,)
@@ -518,9 +839,10 @@ class MDLMGenerationMixin(DiffusionLMGenerationMixin):
                 logits = self._network_logits(process, z, t, state["mask"], state, gen)
             elif rows.numel():
                 mask = None if state["mask"] is None else state["mask"][rows]
-                logits[rows] = self._network_logits(process, z[rows], t, mask, state, gen)
+                logits[rows] = self._network_logits(process, z[rows], t, mask, state, gen, rows=rows)
         # no carry-over needed: the step only ever changes masked positions, and softmaxes only the rows it unmasks
-        state["logits"], state["last_z"] = logits, z
+        if not adaptive:
+            state["logits"], state["last_z"] = logits, z
         return logits
 
 

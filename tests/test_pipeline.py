@@ -388,3 +388,21 @@ def test_text_diffusion_streamer_runs(saved, tokenizer, capsys):
     assert len(drafts) == SAMPLE["num_steps"]  # one draft per step, each erased by the next
     assert drafts[-1] == f"\033[33m{tokenizer.decode(out[0])}\033[0m"  # the last draft is the output
     assert re.sub("\0337.*?\0338\033\\[J", "", printed, flags=re.S) == tokenizer.decode(out[0]) + "\n"
+
+
+def test_pipeline_runs_the_adaptive_samplers(saved, pipe, tokenizer):
+    """Every variant's adaptive setting through the pipeline: its text equals `generate` with the same per-row seed
+    (semi-AR blocks included), and a bad setting is named."""
+    variant, _, model = saved
+    adaptive = {"mdlm": {"sampler": "confidence", "confidence_threshold": 0.5},
+                "duo": {"sampler": "entropy_bound", "allow_revision": True},
+                "sddlm": {"sampler": "entropy_bound", "entropy_bound": 2.0},
+                "replaid": {"stop_when_stable": True, "stability_steps": 2}}[variant]
+    settings = dict(max_new_tokens=6, num_steps=6, block_size=3, stop_at_eos=False, **adaptive)
+    out = pipe(PROMPTS[0], seed=5, **settings)
+    ids = prompt_ids(tokenizer, PROMPTS[0])
+    direct = model.generate(input_ids=ids, generator=rows(5, 1), **settings)
+    new_text = tokenizer.decode(direct[0, ids.shape[1]:], skip_special_tokens=True)
+    assert texts(out)[0] == PROMPTS[0] + new_text
+    with pytest.raises(ValueError, match="block_size"):
+        pipe(PROMPTS[0], block_size=0, max_new_tokens=2)

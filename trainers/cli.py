@@ -492,7 +492,21 @@ class GenerateArguments:
     num_samples: int = field(default=1, metadata={"help": "Number of samples."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens to generate per sample."})
     num_steps: int | None = field(default=None, metadata={"help": "Denoising steps (default: generation config)."})
-    sampler: str | None = field(default=None, metadata={"help": "ancestral | greedy_tail (RePlaid: ancestral|ddim)."})
+    sampler: str | None = field(default=None, metadata={"help": "ancestral | greedy_tail | entropy_bound (SDDLM, Duo, "
+                                                               "MDLM) | confidence (MDLM); RePlaid: ancestral|ddim."})
+    confidence_threshold: float | None = field(default=None, metadata={
+        "help": "sampler=confidence: commit every masked position whose top probability is >= this."})
+    entropy_bound: float | None = field(default=None, metadata={
+        "help": "sampler=entropy_bound: commit the lowest-entropy positions while their summed entropy (nats) stays "
+                "<= this."})
+    allow_revision: bool | None = field(default=None, metadata={
+        "help": "sampler=entropy_bound (SDDLM, Duo): committed tokens may be re-drawn."})
+    stability_steps: int | None = field(default=None, metadata={
+        "help": "Steps without a change before a row ends (revision; RePlaid's --stop_when_stable)."})
+    stop_when_stable: bool | None = field(default=None, metadata={
+        "help": "RePlaid: end a sample once its argmax decode is stable for --stability_steps steps."})
+    block_size: int | None = field(default=None, metadata={
+        "help": "Semi-autoregressive blocks of this many tokens, decoded left to right (default: off)."})
     final_step: str | None = field(default=None, metadata={"help": "grid (decode at t = 1/num_steps) | noise_removal "
                                                                    "(step to t = 1e-5, then decode: the reference "
                                                                    "loop). Default: generation config."})
@@ -519,7 +533,9 @@ def cmd_generate(argv: list[str]) -> int:
     model = load_model(args.model_dir, args.device)
     tokenizer = load_tokenizer(args.model_dir, model)
     kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "final_step", "temperature", "top_p", "top_k",
-                                            "stop_at_eos") if getattr(args, k) is not None}
+                                            "stop_at_eos", "confidence_threshold", "entropy_bound", "allow_revision",
+                                            "stability_steps", "stop_when_stable", "block_size")
+              if getattr(args, k) is not None}
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     input_ids = None
     if args.chat and not args.prompt:
@@ -534,7 +550,11 @@ def cmd_generate(argv: list[str]) -> int:
         input_ids = torch.tensor([ids] * args.num_samples, device=model.device)
     out = model.generate(input_ids=input_ids, batch_size=None if args.prompt else args.num_samples,
                          max_new_tokens=args.max_new_tokens, generator=generator, show_progress=args.show_progress,
-                         **kwargs)
+                         return_dict_in_generate=True, **kwargs)
+    calls = out.num_forward_passes_per_sequence.tolist()
+    logger.info("%d network calls (per sample: %s)", out.num_forward_passes,
+                calls if len(set(calls)) > 1 else calls[0])
+    out = out.sequences
     for i, row in enumerate(out):
         text = tokenizer.decode(row, skip_special_tokens=True)
         print(f"--- sample {i}\n{text}")

@@ -155,6 +155,12 @@ def generative_perplexity(
         samples.append(model.generate(batch_size=n, max_new_tokens=seq_len, generator=generator,
                                       show_progress=show_progress, **generate_kwargs).cpu())
     ids = torch.cat(samples)
+    return {**judge_samples(ids, tokenizer, judge, judge_tokenizer), "gen_num_samples": num_samples}
+
+
+def judge_samples(ids: torch.Tensor, tokenizer, judge, judge_tokenizer) -> dict[str, float]:
+    """gen-PPL of sampled ids (N, L) under a judge causal LM (decoded, re-tokenised with the judge's tokenizer, one
+    BOS in front) and their unigram entropy: {"gen_ppl", "entropy", "gen_tokens_scored"}."""
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     judge.eval()
     judge_device = next(judge.parameters()).device
@@ -171,8 +177,7 @@ def generative_perplexity(
         count += int(c)
     if count == 0:
         raise ValueError("the samples decoded to no text the judge could score")
-    return {"gen_ppl": math.exp(nll / count), "entropy": unigram_entropy(ids), "gen_num_samples": num_samples,
-            "gen_tokens_scored": count}
+    return {"gen_ppl": math.exp(nll / count), "entropy": unigram_entropy(ids), "gen_tokens_scored": count}
 
 
 def sft_accuracy(
