@@ -36,7 +36,8 @@ def configurations(variant: str, steps: list[int], block_size: int, student: boo
         adaptive += [{"sampler": "entropy_bound", "num_steps": 128, "entropy_bound": b} for b in (4.0, 16.0, 64.0)]
     else:
         adaptive = [{"sampler": "entropy_bound", "num_steps": 128, "entropy_bound": b} for b in (4.0, 16.0, 64.0)]
-        adaptive += [{"sampler": "entropy_bound", "num_steps": 128, "entropy_bound": 16.0, "allow_revision": True}]
+        adaptive += [{"sampler": "entropy_bound", "num_steps": 128, "entropy_bound": b, "allow_revision": True}
+                     for b in (16.0, 64.0)]
     if student:
         grid = [c for c in grid if c["sampler"] == "greedy_tail"]  # the student's distilled sampler
     blocks = [{**c, "block_size": block_size} for c in (grid[-1], adaptive[1])]
@@ -131,6 +132,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS / "adaptive_sampling.json"))
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out (same label)")
+    parser.add_argument("--redo", default=None, help="with --resume: re-run the rows whose label contains this")
     parser.add_argument("--merge", nargs="+", default=None,
                         help="only combine these result JSONs (runs split over processes) into --out and its PNG")
     args = parser.parse_args()
@@ -145,7 +148,9 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from modeling_dlm import VARIANTS
 
     workdir = Path(args.workdir)
     judge = AutoModelForCausalLM.from_pretrained(workdir / "ar" / "model").eval()
@@ -155,14 +160,22 @@ def main() -> None:
         paths["dcd"] = Path(args.student)
     results = {"num_samples": args.num_samples, "seq": args.seq, "models": {}}
     out = Path(args.out)
+    previous = json.loads(out.read_text())["models"] if args.resume and out.is_file() else {}
     for name, path in paths.items():
-        model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-        variant = model.config.model_type
+        variant = json.loads((path / "config.json").read_text())["model_type"]
+        model = VARIANTS[variant][1].from_pretrained(path).eval()  # this checkout's code, not the checkpoint's copy
+        tokenizer = AutoTokenizer.from_pretrained(path)
         rows = []
+        kept = {r["label"]: r for r in previous.get(name, {}).get("rows", [])}
         for config in configurations(variant, args.steps, args.block_size, student=name == "dcd"):
+            if label(config) in kept and not (args.redo and args.redo in label(config)):
+                rows.append(kept[label(config)])
+                continue
             row = run_config(model, tokenizer, judge, judge_tokenizer, config, args)
             rows.append(row)
+            results["models"][name] = {"rows": rows, "merit": None, "partial": True}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{name:6s} {row['label']:70s} calls/seq {row['calls_per_sequence']:7.1f}  gen-PPL "
                   f"{row['gen_ppl']:9.1f}  H {row['entropy']:.3f}  tok/s {row['tokens_per_second']:8.1f}", flush=True)
         llama = llama_tokens_per_second(judge, args)

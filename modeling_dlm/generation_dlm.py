@@ -75,8 +75,8 @@ class DiffusionGenerationConfig(GenerationConfig):
             under x_hat is >= this; in (0, 1].
         entropy_bound (`sampler="entropy_bound"`): commit the lowest-entropy positions while their summed entropy
             (nats) stays <= this; > 0.
-        allow_revision (SDDLM, Duo): with `"entropy_bound"`, committed tokens may be re-drawn when they rank under
-            the bound again (the self-correction of uniform-state models); False = committed tokens are final.
+        allow_revision (SDDLM, Duo): with `"entropy_bound"`, a committed token that ranks under the bound again is
+            corrected to x_hat's mode (the self-correction of uniform-state models); False: committed tokens stay.
         stability_steps: with revision, a row ends once every position is committed and nothing changed for this
             many steps (RePlaid's `stop_when_stable`: once its argmax decode did not change for this many steps).
         stop_when_stable (RePlaid): end a row early when its argmax decode is stable (`stability_steps`).
@@ -518,8 +518,8 @@ class DiffusionLMGenerationMixin:
         B = x0.shape[0]
         ts = sampling_time_grid(gen, x0.device, num_steps)
         if adaptive:
-            commit = _CommitState(given, process.tokens(z))
-            running = commit.running(gen)  # rows with something to generate
+            commit = _CommitState(given)
+            running = (~given).any(-1)  # rows with something to generate (the others are done before any call)
         else:
             running = None  # every row, every step
         unchanged = torch.zeros(B, dtype=torch.long, device=x0.device)
@@ -578,8 +578,9 @@ class DiffusionLMGenerationMixin:
         - `"confidence"` (MDLM): every open (masked) position whose top probability under x_hat is >=
           `confidence_threshold`;
         - `"entropy_bound"`: the open positions by increasing entropy of x_hat, as many as keep the summed entropy
-          <= `entropy_bound` (with `allow_revision`, the ranking runs over every generated position, so a committed
-          one that ranks again is re-drawn);
+          <= `entropy_bound` (with `allow_revision`, the ranking runs over every generated position, and a committed
+          one that ranks again takes x_hat's mode: a correction to what the model is now sure of, not a fresh draw,
+          so a settled canvas stops changing);
         and always at least max(1, ceil(open / steps_left)) open positions, the best ranked: at least one per step,
         and the canvas is complete by the last step, so `num_steps` bounds the calls. Positions are ranked by x_hat
         itself (the network's distribution); committed positions draw from x_hat after temperature / top-k / top-p
@@ -611,6 +612,9 @@ class DiffusionLMGenerationMixin:
                           positions, tuple(z.shape), generator, z.device)
         z_new = z.clone()
         z_new[positions] = draws
+        revised = (chosen & accepted).nonzero(as_tuple=True)  # committed tokens that ranked again (revision only)
+        if revised[0].numel():
+            z_new[revised] = logits[revised].argmax(-1)  # corrected to x_hat's mode: the canvas can settle
         changed = (chosen & (open_ | (z_new != z))).any(-1)  # (n,) a new commitment or a revised token
         accepted = accepted | chosen
         noise = process.prior_sample(tuple(z.shape), generator, z.device)
@@ -621,7 +625,6 @@ class DiffusionLMGenerationMixin:
             done = complete & (commit.unchanged(rows) >= gen.stability_steps)
         else:
             done = complete
-        commit.finish(rows, done)
         return z_new, done
 
     @staticmethod
@@ -661,16 +664,12 @@ class DiffusionLMGenerationMixin:
 
 class _CommitState:
     """What an adaptive sampler keeps between steps, for the whole batch (B, W): the given positions, the committed
-    ones, each row's count of steps without a change, and which rows still run."""
+    ones and each row's count of steps without a change."""
 
-    def __init__(self, given: torch.Tensor, tokens: torch.Tensor):
+    def __init__(self, given: torch.Tensor):
         self._given = given
         self._accepted = torch.zeros_like(given)
         self._unchanged = torch.zeros(given.shape[0], dtype=torch.long, device=given.device)
-        self._running = (~given).any(-1)  # rows with nothing to generate are done before the first call
-
-    def running(self, gen) -> torch.Tensor:
-        return self._running
 
     def _rows(self, value, rows):
         return value if rows is None else value[rows]
@@ -698,12 +697,6 @@ class _CommitState:
             self._accepted, self._unchanged = accepted, unchanged
         else:
             self._accepted[rows], self._unchanged[rows] = accepted, unchanged
-
-    def finish(self, rows, done) -> None:
-        if rows is None:
-            self._running = self._running & ~done
-        else:
-            self._running[rows] = self._running[rows] & ~done
 
 
 def _blocks(gen, given: torch.Tensor) -> list[tuple[int, int]]:

@@ -61,7 +61,7 @@ def one_hot_row(vocab: int, token: int, p: float, exclude: int | None = None) ->
 # The commit rules, on crafted x_hat
 # ---------------------------------------------------------------------------------------------------------------------
 def _commit(model, gen_config, logits, z, given, steps_left, state=None, generator=None):
-    state = _CommitState(given, z) if state is None else state
+    state = _CommitState(given) if state is None else state
     z_new, done = model._commit_step(model.noise_process, gen_config, logits, z, state, None, steps_left,
                                      generator or gen(0))
     return z_new, done, state
@@ -151,7 +151,7 @@ def test_revision_redraws_a_committed_token_only_when_allowed():
     given = torch.zeros(1, 2, dtype=torch.bool)
     for revise in (False, True):
         cfg = DuoGenerationConfig(sampler="entropy_bound", entropy_bound=0.05, top_k=1, allow_revision=revise)
-        state = _CommitState(given, torch.zeros(1, 2, dtype=torch.long))
+        state = _CommitState(given)
         state.update(None, torch.tensor([[True, False]]), torch.tensor([True]))  # position 0 committed to token 3
         z = torch.tensor([[3, 50]])
         z_new, _, _ = _commit(model, cfg, logits, z, given, steps_left=100, state=state)

@@ -28,7 +28,7 @@ def python_blocks(section: str) -> list[str]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     level = section.split(" ", 1)[0]
     start = text.index(section + "\n")
-    following = re.search(rf"^{level} ", text[start + len(section):], flags=re.MULTILINE)
+    following = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(section):], flags=re.MULTILINE)
     body = text[start: start + len(section) + following.start()] if following else text[start:]
     return re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
 
@@ -36,7 +36,8 @@ def python_blocks(section: str) -> list[str]:
 def test_readme_python_snippets_run_as_written(tmp_path):
     python = python_blocks("## Python")
     pipeline = python_blocks("## Pipeline and streamers")
-    assert len(python) == 2 and pipeline, "the README's snippets moved: update this test"
+    adaptive = python_blocks("### Adaptive decoding: commit what the model is sure of")
+    assert len(python) == 2 and pipeline and len(adaptive) == 1, "the README's snippets moved: update this test"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO)}
     quickstart = subprocess.run([sys.executable, "-m", "trainers.cli", "quickstart", "--max_steps", "20",
@@ -52,13 +53,15 @@ assert ids.shape == (4, 64)
 assert out.sequences[0, : prompt.shape[1]].tolist() == prompt[0].tolist()       # the prompt is kept
 assert prompt[0, 0].item() == AutoTokenizer.from_pretrained("dlm-quickstart", trust_remote_code=True).bos_token_id
 assert nelbo.shape == (4,) and bool((nelbo > 0).all())
+assert 1 <= fast.num_forward_passes <= 64 and fast.num_forward_passes_per_sequence.shape == (2,)
+assert fast.sequences.shape == (2, 64)
 assert trainer.state.global_step == 100 and model.config.vocab_size == len(tok) == 50258
 metrics = trainer.evaluate()
 assert metrics["eval_loss"] == metrics["eval_nelbo"] > 0
 print("README snippets ran")
 '''
     script = tmp_path / "snippets.py"
-    script.write_text("\n".join([*python, *pipeline[:1], checks]), encoding="utf-8")
+    script.write_text("\n".join([*python[:1], *adaptive, *python[1:], *pipeline[:1], checks]), encoding="utf-8")
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=900, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-4000:]
