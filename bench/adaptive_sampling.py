@@ -73,10 +73,12 @@ def llama_tokens_per_second(judge, args) -> float:
     return args.num_samples * args.seq / (time.perf_counter() - start)
 
 
-def merit(rows: list[dict]) -> dict:
-    """Calls-to-equal-quality against ancestral at 128 steps: the fewest calls per sequence of a configuration with
-    gen-PPL <= the reference's and entropy >= 0.95x its entropy (adaptive and fixed-grid separately)."""
-    ref = next(r for r in rows if r["config"] == {"sampler": "ancestral", "num_steps": 128})
+REFERENCE = {"sampler": "ancestral", "num_steps": 128}
+
+
+def merit(rows: list[dict], ref: dict) -> dict:
+    """Calls-to-equal-quality against `ref` (ancestral at 128 steps): the fewest calls per sequence of a configuration
+    in `rows` with gen-PPL <= the reference's and entropy >= 0.95x its entropy (adaptive and fixed-grid apart)."""
     ok = [r for r in rows if r["gen_ppl"] <= ref["gen_ppl"] and r["entropy"] >= 0.95 * ref["entropy"]]
     result = {"reference": ref["label"], "reference_gen_ppl": ref["gen_ppl"], "reference_entropy": ref["entropy"]}
     for family, members in (("adaptive", [r for r in ok if r["config"]["sampler"] in ("confidence", "entropy_bound")]),
@@ -86,6 +88,15 @@ def merit(rows: list[dict]) -> dict:
             "label": best["label"], "calls_per_sequence": best["calls_per_sequence"],
             "ratio": round(128 / best["calls_per_sequence"], 2)}
     return result
+
+
+def summarize(results: dict) -> None:
+    """Each model's merit; the DCD student is held to its teacher's (Duo's) ancestral sampling at 128 steps."""
+    for name, entry in results["models"].items():
+        owner = "duo" if name == "dcd" else name
+        ref = next((r for r in results["models"].get(owner, {}).get("rows", []) if r["config"] == REFERENCE), None)
+        entry["merit"] = None if ref is None else merit(entry["rows"], ref)
+        entry.pop("partial", None)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -142,6 +153,7 @@ def main() -> None:
         for part in args.merge:
             data = json.loads(Path(part).read_text())
             merged = data if merged is None else {**merged, "models": {**merged["models"], **data["models"]}}
+        summarize(merged)
         Path(args.out).write_text(json.dumps(merged, indent=2) + "\n")
         plot({**merged, "models": {k: v for k, v in merged["models"].items() if v["merit"]}},
              Path(args.out).with_suffix(".png"))
@@ -161,6 +173,7 @@ def main() -> None:
     results = {"num_samples": args.num_samples, "seq": args.seq, "models": {}}
     out = Path(args.out)
     previous = json.loads(out.read_text())["models"] if args.resume and out.is_file() else {}
+    results["models"].update(previous)  # models not re-run this time stay in the results
     for name, path in paths.items():
         variant = json.loads((path / "config.json").read_text())["model_type"]
         model = VARIANTS[variant][1].from_pretrained(path).eval()  # this checkout's code, not the checkpoint's copy
@@ -179,16 +192,10 @@ def main() -> None:
             print(f"{name:6s} {row['label']:70s} calls/seq {row['calls_per_sequence']:7.1f}  gen-PPL "
                   f"{row['gen_ppl']:9.1f}  H {row['entropy']:.3f}  tok/s {row['tokens_per_second']:8.1f}", flush=True)
         llama = llama_tokens_per_second(judge, args)
-        if name == "dcd":  # the student's reference is its teacher's ancestral sampling at 128 steps
-            teacher = results["models"].get("duo")
-            ref_rows = rows + ([r for r in teacher["rows"] if r["config"] == {"sampler": "ancestral",
-                                                                               "num_steps": 128}] if teacher else [])
-        else:
-            ref_rows = rows
-        summary = merit(ref_rows) if any(r["config"] == {"sampler": "ancestral", "num_steps": 128}
-                                         for r in ref_rows) else None
-        results["models"][name] = {"rows": rows, "merit": summary, "llama_tokens_per_second": round(llama, 1)}
-        print(f"{name}: Llama generate (KV cache) {llama:.1f} tok/s; merit {json.dumps(summary)}", flush=True)
+        results["models"][name] = {"rows": rows, "llama_tokens_per_second": round(llama, 1)}
+        summarize(results)
+        print(f"{name}: Llama generate (KV cache) {llama:.1f} tok/s; merit "
+              f"{json.dumps(results['models'][name]['merit'])}", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     plot({**results, "models": {k: v for k, v in results["models"].items() if v["merit"]}}, out.with_suffix(".png"))
