@@ -653,7 +653,9 @@ class DiffusionLMGenerationMixin:
         index = state.get("row_index")  # the batch rows of z (None: z is the whole batch)
         if rows is not None:
             index = rows if index is None else index[rows]
-        if index is None:
+        if "row_passes" not in state:  # a caller stepping the loop by hand (bench/sampling_step.py) counts calls only
+            pass
+        elif index is None:
             state["row_passes"] += 1
         else:
             state["row_passes"][index] += 1
