@@ -517,12 +517,10 @@ class DiffusionLMGenerationMixin:
         options = self._step_options(gen)
         B = x0.shape[0]
         ts = sampling_time_grid(gen, x0.device, num_steps)
-        if adaptive:
-            commit = _CommitState(given)
-            running = (~given).any(-1)  # rows with something to generate (the others are done before any call)
-        else:
-            running = None  # every row, every step
-        unchanged = torch.zeros(B, dtype=torch.long, device=x0.device)
+        commit = _CommitState(given) if adaptive or stable_stop else None  # per-row commitments, unchanged-counts
+        # the rows still running: None = every row, every step (the fixed grid: no host sync)
+        running = (~given).any(-1) if adaptive else torch.ones(B, dtype=torch.bool, device=x0.device) \
+            if stable_stop else None
         for k in _progress(range(num_steps), gen.show_progress, f"{type(self).__name__} sampling"):
             rows = None
             if running is not None:
@@ -551,17 +549,10 @@ class DiffusionLMGenerationMixin:
                                      **options)
                 z_new = process.fix(z_new, x0_rows, given_rows, ts[k + 1], generator=row_generator, final=final)
                 done = None
-                if stable_stop:
-                    if k == 0:
-                        running = torch.ones(B, dtype=torch.bool, device=x0.device)
-                    else:
-                        same = (process.tokens(z_new) == process.tokens(z_rows)).all(-1)
-                        sub_unchanged = torch.where(same, sub(unchanged) + 1, 0)
-                        if rows is None:
-                            unchanged = sub_unchanged
-                        else:
-                            unchanged[rows] = sub_unchanged
-                        done = sub_unchanged >= gen.stability_steps
+                if stable_stop and k > 0:  # the first step has no earlier decode to compare with
+                    same = (process.tokens(z_new) == process.tokens(z_rows)).all(-1)  # (n,)
+                    commit.update(rows, commit.accepted(rows), ~same)
+                    done = commit.unchanged(rows) >= gen.stability_steps
             state["mask"], state["row_index"] = full_mask, None
             z = z_new if rows is None else _state_put(z, rows, z_new)
             if done is not None:
@@ -653,12 +644,11 @@ class DiffusionLMGenerationMixin:
         index = state.get("row_index")  # the batch rows of z (None: z is the whole batch)
         if rows is not None:
             index = rows if index is None else index[rows]
-        if "row_passes" not in state:  # a caller stepping the loop by hand (bench/sampling_step.py) counts calls only
-            pass
-        elif index is None:
-            state["row_passes"] += 1
-        else:
-            state["row_passes"][index] += 1
+        passes = state.get("row_passes")  # absent for a caller stepping by hand (bench/sampling_step.py)
+        if passes is not None and index is None:
+            passes += 1
+        elif passes is not None:
+            passes[index] += 1
         if state.get("unfiltered"):  # an adaptive sampler ranks by x_hat itself and filters its draws
             return process.denoise_logits(logits).float()
         return filter_logits(process.denoise_logits(logits), gen.temperature, gen.top_k, gen.top_p)
