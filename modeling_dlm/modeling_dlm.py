@@ -98,9 +98,18 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         # into the module cache when this file is loaded as remote code, so re-saving a Hub model keeps it too).
         from .pipeline_dlm import PIPELINE_TASK, DLMTextGenerationPipeline
 
-        module = type(self).__module__.rsplit(".", 1)[-1]
+        # FSDP2 (`fully_shard`) gives the module a class of its own, defined in torch: save as the dlm class, so
+        # that auto_map and the shipped code name this package's files
+        model_class = next(c for c in type(self).__mro__ if not c.__module__.startswith("torch."))
+        if model_class is not type(self):
+            sharded_class, self.__class__ = type(self), model_class
+            try:
+                return self.save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.__class__ = sharded_class
+        module = model_class.__module__.rsplit(".", 1)[-1]
         config_module = type(self.config).__module__.rsplit(".", 1)[-1]
-        name = f"{module}.{type(self).__name__}"
+        name = f"{module}.{model_class.__name__}"
         self.config.auto_map = {
             "AutoConfig": f"{config_module}.{type(self.config).__name__}",
             "AutoModel": name,
@@ -225,8 +234,10 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
-        if attention_mask is not None and not _is_compiling() and bool(attention_mask.all()):
-            attention_mask = None  # no padding: the unmasked fast path (a data-dependent branch: eager only)
+        if attention_mask is not None and not self.training and not _is_compiling() and bool(attention_mask.all()):
+            # no padding: the unmasked fast path (a data-dependent branch: eager inference only; in training the
+            # Trainer drops all-ones masks on the host, so the step reads nothing on the device)
+            attention_mask = None
         logits, hidden_states, attentions = self.backbone(
             inputs_embeds, time_input, attention_mask, bool(output_hidden_states), bool(output_attentions)
         )
@@ -346,6 +357,13 @@ def _zero_given(per_token: torch.Tensor, prompt_mask: torch.Tensor | None) -> to
     return per_token if prompt_mask is None else per_token.masked_fill(prompt_mask.bool(), 0)
 
 
+def embedding_matrix(embedding: nn.Embedding) -> torch.Tensor:
+    """The whole (V, d) table of `embedding`, read through the module's call (a lookup of every id) rather than as
+    `embedding.weight`: under FSDP2 (`fully_shard`) a bare parameter read sees this rank's shard, while the call goes
+    the way a lookup of token ids goes, with the same gradient."""
+    return embedding(torch.arange(embedding.num_embeddings, device=embedding.weight.device))
+
+
 def response_mask(attention_mask: torch.Tensor | None, prompt_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The positions that carry a loss and a bound, (B, L) bool: real tokens (attention_mask 1) outside the prompt;
     None when both masks are None (every position)."""
@@ -410,7 +428,8 @@ class DiscreteDiffusionLM(DiffusionLMPreTrainedModel):
             if token_weights.dim() != 3 or token_weights.shape[-1] != self.config.vocab_size:
                 raise ValueError(f"`token_weights` must have shape (B, L, {self.config.vocab_size}), got "
                                  f"{tuple(token_weights.shape)}")
-            inputs_embeds = token_weights.to(self.embed_tokens.weight.dtype) @ self.embed_tokens.weight  # (B, L, d)
+            weight = embedding_matrix(self.embed_tokens)  # (V, d)
+            inputs_embeds = token_weights.to(weight.dtype) @ weight  # (B, L, d)
         elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(f"`inputs_embeds` must have shape (B, L, {self.config.hidden_size}), got "
                              f"{tuple(inputs_embeds.shape)}")
@@ -544,7 +563,7 @@ class RePlaidForDiffusionLM(DiffusionLMPreTrainedModel, RePlaidGenerationMixin):
         t = t.expand(B) if t.dim() == 0 else t
         if t.shape != (B,):
             raise ValueError(f"`t` must have shape ({B},), got {tuple(t.shape)}")
-        if not _is_compiling() and bool(((t < 0) | (t > 1)).any()):  # data-dependent: eager only
+        if not self.training and not _is_compiling() and bool(((t < 0) | (t > 1)).any()):  # eager inference only
             raise ValueError(f"`t` must lie in [0, 1], got min {float(t.min())}, max {float(t.max())}")
         if gamma is None:
             gamma, _ = self.noise_schedule(t)  # (B,) float64

@@ -121,18 +121,17 @@ class AbsorbingStateScheduler:
         dalpha_t: torch.Tensor | float,
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """`nelbo_per_token(subs_log_probs(logits, z_t, carry_over=False), ...)` computed on the masked rows only: one
-        cross-entropy (a log-softmax without the mask column) over the (N, V) rows that carry a loss, instead of a
-        masked copy and a log-softmax of all B * L rows. Same value and gradient up to rounding; (B, L) in `dtype`.
-        Selecting the rows costs one device synchronisation (`nonzero`)."""
+        """`nelbo_per_token(subs_log_probs(logits, z_t, carry_over=False), ...)` as one cross-entropy (a log-softmax
+        without the mask column) over all B * L rows, kept where z_t is masked: fixed shapes, so no device sync (a
+        selection of the masked rows would need `nonzero`). Same value and gradient up to rounding; (B, L) in
+        `dtype`. One (B, L, V) temporary in `dtype` (the logits with the mask column at -inf)."""
         B, L, V = logits.shape
-        rows = (z_t == self.mask_token_id).reshape(-1).nonzero().squeeze(-1)  # (N,)
-        picked = logits.reshape(-1, V).index_select(0, rows).to(dtype)  # (N, V), a fresh tensor
-        picked = drop_mask_logit(picked, self.mask_token_id, inplace=True)  # SUBS
-        log_p_x = -F.cross_entropy(picked, x0.reshape(-1).index_select(0, rows), reduction="none")  # (N,)
-        weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype).expand(B, L).reshape(-1).index_select(0, rows)
-        out = torch.zeros(B * L, dtype=dtype, device=logits.device)
-        return out.index_put((rows,), weight * log_p_x).view(B, L)
+        masked = z_t == self.mask_token_id  # (B, L)
+        subs = drop_mask_logit(logits.reshape(-1, V).to(dtype), self.mask_token_id,
+                               inplace=logits.dtype != dtype)  # (B*L, V): a fresh tensor when cast
+        log_p_x = -F.cross_entropy(subs, x0.reshape(-1), reduction="none").view(B, L)  # (B, L)
+        weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype)
+        return torch.where(masked, weight * log_p_x, torch.zeros((), dtype=dtype, device=logits.device))
 
     def nelbo_per_token(
         self,

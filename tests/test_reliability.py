@@ -47,28 +47,60 @@ class _PoisonAt(TrainerCallback):
                 next(p for n, p in model.named_parameters() if "vocab_embed" in n or "embed" in n).fill_(float("inf"))
 
 
+@pytest.mark.parametrize("policy", ["skip", "stop"])
 @pytest.mark.parametrize("variant", ["duo", "mdlm"])
-def test_non_finite_loss_stops_training_with_the_step(variant, tmp_path):
-    args = _args(tmp_path, save_strategy="steps", save_steps=2)
+def test_non_finite_loss_stops_training_with_the_step(variant, policy, tmp_path):
+    args = _args(tmp_path, save_strategy="steps", save_steps=2, nan_guard_policy=policy)
     trainer = TRAINERS[variant](model=tiny_model(variant).train(), args=args, train_dataset=_dataset(),
                                 callbacks=[_PoisonAt(3)])
-    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step 4 .*no NaN"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at step 4\b.*no NaN"):
         trainer.train()
     saved = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in saved.values()), "the checkpoint before the failure must be finite"
     assert not (tmp_path / "checkpoint-4").exists(), "no checkpoint may be written for the failed step"
 
 
-def test_non_finite_gradient_stops_before_the_optimizer_step(tmp_path):
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_gradient_stops_before_the_optimizer_step(policy, tmp_path):
     model = tiny_model("sddlm").train()
     # a finite loss with a NaN gradient
     model.backbone.output_layer.linear.weight.register_hook(lambda grad: grad * float("nan"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = TRAINERS["sddlm"](model=model, args=_args(tmp_path), train_dataset=_dataset())
-    with pytest.raises(FloatingPointError, match=r"non-finite gradients at step 1 .*before the optimizer step"):
+    trainer = TRAINERS["sddlm"](model=model, args=_args(tmp_path, nan_guard_policy=policy), train_dataset=_dataset())
+    message = r"non-finite gradients at step 1 .*before the optimizer step" if policy == "stop" else \
+        r"non-finite training loss or gradients at step 1: those optimizer steps were skipped"
+    with pytest.raises(FloatingPointError, match=message):
         trainer.train()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed although the step was refused"
+    if policy == "skip":  # skipped on the device: the fused AdamW kept its moments and step count at zero
+        state = trainer.optimizer.optimizer.state
+        assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in state.values()), state
+
+
+def test_skip_guard_skips_bad_steps_on_the_device_and_reports_them(tmp_path, caplog):
+    """Steps 2 and 3 of 6 get a NaN gradient: they are skipped (weights as after step 1, then training goes on), the
+    logging step reports them, and the logged loss is the mean of the applied steps."""
+    weights = {}
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            weights[state.global_step] = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+    model = tiny_model("duo").train()
+    trainer = TRAINERS["duo"](model=model, args=_args(tmp_path, logging_steps=3), train_dataset=_dataset(),
+                              callbacks=[Snapshot()])
+    # a NaN in one gradient at optimizer steps 2 and 3 (as a bad batch would give)
+    model.backbone.output_layer.linear.weight.register_hook(
+        lambda grad: grad * float("nan") if trainer.state.global_step + 1 in (2, 3) else grad)
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert torch.equal(weights[1], weights[2]) and torch.equal(weights[2], weights[3])
+    assert not torch.equal(weights[3], weights[4]) and all(torch.isfinite(w).all() for w in weights.values())
+    first, second = [h for h in trainer.state.log_history if "loss" in h]
+    assert first["skipped_steps"] == 2 and "skipped_steps" not in second
+    assert math.isfinite(first["loss"]) and math.isfinite(second["loss"])
+    assert "skipped 2 of 3 optimizer steps (from step 2)" in caplog.text
 
 
 def test_nan_guard_can_be_turned_off(tmp_path):

@@ -33,8 +33,24 @@ class DiffusionTrainingArguments(TrainingArguments):
     )
     nan_guard: bool = field(
         default=True,
-        metadata={"help": "Stop training with a clear error (naming the step) at the first non-finite loss or "
-                          "gradient, before the optimizer step, so no NaN weights are written."},
+        metadata={"help": "Guard against non-finite losses and gradients, so no NaN weights are written (see "
+                          "nan_guard_policy)."},
+    )
+    nan_guard_policy: str = field(
+        default="skip",
+        metadata={"help": "'skip' (default, no host sync per step): an optimizer step whose loss or gradients are "
+                          "not finite is skipped on the device (the fused optimizer's found_inf, as GradScaler "
+                          "does); each logging step reports the skipped steps and stops training with a "
+                          "FloatingPointError when every step since the last log was skipped. 'stop': check on the "
+                          "host at every micro-batch and stop at the first non-finite loss or gradient (one host "
+                          "sync per micro-batch and per step). Optimizers that cannot skip a step on the device "
+                          "(not fused Adam/AdamW/SGD) use 'stop'."},
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "transformers' filter reads every micro-batch's loss on the host (a sync per step); dlm's "
+                          "nan_guard keeps non-finite steps out of the logged loss instead. True restores the "
+                          "Trainer's filter."},
     )
     eval_num_time_samples: int = field(
         default=1, metadata={"help": "Time samples per sequence when the Trainer evaluates the NELBO."}
@@ -128,6 +144,8 @@ class DiffusionTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.nan_guard_policy not in ("skip", "stop"):
+            raise ValueError(f"nan_guard_policy must be 'skip' or 'stop', got {self.nan_guard_policy!r}")
         for name in ("sampling_eps", "ema_decay", "output_prior_warmup_ratio", "curriculum_tau", "distill_gamma_min",
                      "distill_gamma_max"):
             value = getattr(self, name)

@@ -17,6 +17,9 @@ loss and a dict of components to log) and, for a richer plan than the times t, `
   accumulation and ranks give one global token mean (`loss_is_scaled_for_ga = True`);
 - evaluates the NELBO (a true bound, never the training loss) token-weighted over the whole eval set:
   `eval_loss` = `eval_nelbo` (nats/token), plus `eval_ppl_bound` = exp(eval_nelbo), `eval_bpd` and `eval_tokens`;
+- reads no tensor value on the host between logging steps (`tests/test_step_syncs.py`): loss components accumulate
+  on the device, and the NaN guard (`nan_guard_policy="skip"`) skips a non-finite optimizer step on the device and
+  reports it at the next logging step;
 - keeps an optional EMA (`ema_decay`) that is saved with checkpoints and swapped in for evaluation and `save_model`;
 - makes checkpoints crash-safe: a checkpoint counts as complete only once `dlm_checkpoint.json` (written last,
   atomically, with every file's size) is in it; older checkpoints are rotated out only after that; and
@@ -31,8 +34,10 @@ import math
 import os
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer
 
 from modeling_dlm.generation_dlm import check_token_ids
@@ -40,8 +45,9 @@ from modeling_dlm.modeling_dlm import check_prompt_mask, response_mask
 from modeling_dlm.noise_schedules import antithetic_times
 
 from .arguments import DiffusionTrainingArguments
-from .callbacks import EMACallback, NonFiniteGuardCallback
+from .callbacks import EMACallback, NonFiniteGuardCallback, full_tensors
 from .evaluation import nelbo_batch_sums
+from .profiling import host_side
 
 
 logger = logging.getLogger(__name__)
@@ -51,8 +57,13 @@ _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 def write_checkpoint_marker(folder: str, step: int) -> None:
     """Record every file of a finished checkpoint with its size, atomically (temp file, fsync, rename)."""
-    files = {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-             if os.path.isfile(os.path.join(folder, name)) and name != CHECKPOINT_MARKER}
+    files = {}
+    for root, dirs, names in os.walk(folder):  # sharded (FSDP) checkpoints keep their shards in sub-folders
+        dirs.sort()
+        for name in sorted(names):
+            relative = os.path.relpath(os.path.join(root, name), folder)
+            if relative not in (CHECKPOINT_MARKER, CHECKPOINT_MARKER + ".tmp"):
+                files[relative] = os.path.getsize(os.path.join(root, name))
     tmp = os.path.join(folder, CHECKPOINT_MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
@@ -132,6 +143,22 @@ def loss_tokens(inputs) -> torch.Tensor:
     return torch.tensor(input_ids.numel(), device=input_ids.device) if mask is None else mask.sum()
 
 
+class DropFullAttentionMask:
+    """Wraps a data collator: drops an `attention_mask` that is all ones, on the host where the batch is built, so the
+    network takes its unmasked attention path without the training step reading the mask on the device (a sync)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        with host_side():
+            if isinstance(mask, torch.Tensor) and mask.device.type == "cpu" and bool(mask.all()):
+                batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        return batch
+
+
 class DiffusionTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss scales each micro-batch by its share of the step's loss tokens
     #: the `model_type`s this trainer's objective is for (None: any dlm model, with its own `nelbo_per_token`)
@@ -164,12 +191,42 @@ class DiffusionTrainer(Trainer):
                                 warmup=self.args.ema_warmup) if self.args.ema_decay > 0 else None
         if self.ema is not None:
             self.add_callback(self.ema)
+        if not isinstance(self.data_collator, DropFullAttentionMask):
+            self.data_collator = DropFullAttentionMask(self.data_collator)
+        self._guard: str | None = None  # "skip" / "stop" once the optimizer is known (`_guard_mode`)
         if self.args.nan_guard:
-            self.add_callback(NonFiniteGuardCallback())
+            self.add_callback(NonFiniteGuardCallback(active=lambda: self._guard_mode() == "stop"))
+        self._step_finite: torch.Tensor | None = None  # this step's micro-batch losses all finite (device bool)
+        self._step_loss: torch.Tensor | None = None  # this step's summed micro-batch losses (device)
+        self._guard_window: dict[str, torch.Tensor] = {}  # skipped steps, first skipped, applied steps' loss sum
+        self._guard_window_start = 0
         self._components: dict[str, list[torch.Tensor]] = defaultdict(list)  # detached, on the device
         self._micro_step = 0
         self._last_step = -1
         self._eval_batches = 0
+
+    def create_accelerator_and_postprocess(self):
+        """accelerate (1.16) turns the Trainer's FSDP settings on only for accelerator device types (its MULTI_GPU,
+        MULTI_NPU, ... branch); a multi-process CPU (gloo) job silently trains with DDP instead. Here such a job
+        becomes the FSDP2 job it asked for: torch's `fully_shard` runs on CPU with gloo, through accelerate's own
+        FSDP2 preparation, sharded checkpoints and full-state export."""
+        super().create_accelerator_and_postprocess()
+        plugin_args = self.args.fsdp_plugin_args
+        state = self.accelerator.state
+        if not plugin_args or state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin(**plugin_args)
+        if plugin.fsdp_version != 2:
+            raise ValueError(f"FSDP on CPU needs fsdp_config version 2 (torch's fully_shard), got version "
+                             f"{plugin.fsdp_version}")
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+        self.is_fsdp_enabled = True
+        logger.info("FSDP2 on %d CPU processes (gloo), wrapping %s", self.args.world_size,
+                    plugin_args.get("transformer_cls_names_to_wrap"))
 
     # ---- randomness -------------------------------------------------------------------------------------------------
     def _generators(self, device) -> tuple[torch.Generator, torch.Generator, int]:
@@ -203,9 +260,8 @@ class DiffusionTrainer(Trainer):
         if "input_ids" not in inputs:
             raise ValueError(f"batches need an `input_ids` column, got keys {sorted(inputs)}")
         input_ids = inputs["input_ids"]
+        # an all-ones mask was dropped on the host by `DropFullAttentionMask`; one that reaches here is used as is
         attention_mask = inputs.get("attention_mask")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
         return input_ids, attention_mask, check_prompt_mask(inputs.get("prompt_mask"), input_ids)
 
     def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
@@ -246,7 +302,7 @@ class DiffusionTrainer(Trainer):
                 num_items_in_batch, device=loss.device, dtype=torch.float32).clamp(min=1)
             averaged = self.args.world_size if self.args.average_tokens_across_devices else 1
             loss = loss * (share * averaged)
-        if model.training and self.args.nan_guard and not bool(torch.isfinite(loss.detach())):
+        if model.training and self._guard_mode() == "stop" and not bool(torch.isfinite(loss.detach())):
             parts = ", ".join(f"{k}={float(v):.4g}" for k, v in components.items())
             t = plan if isinstance(plan, torch.Tensor) else plan.t
             raise FloatingPointError(
@@ -258,6 +314,88 @@ class DiffusionTrainer(Trainer):
             for key, value in components.items():
                 self._components[key].append(torch.as_tensor(value, device=loss.device).detach().float())
         return (loss, None) if return_outputs else loss
+
+    # ---- the NaN guard without host syncs ---------------------------------------------------------------------------
+    def _guard_mode(self) -> str | None:
+        """None (guard off), "skip" (on the device) or "stop" (host check per micro-batch). "skip" needs an
+        optimizer that takes `found_inf` (fused Adam/AdamW/SGD, `_step_supports_amp_scaling`) and no fp16 GradScaler or
+        DeepSpeed (which skip or check by themselves); otherwise "stop", logged once."""
+        if not self.args.nan_guard:
+            return None
+        if self._guard is None and getattr(self, "optimizer", None) is not None:
+            mode = self.args.nan_guard_policy
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if mode == "skip" and (not getattr(inner, "_step_supports_amp_scaling", False)
+                                   or getattr(self.accelerator, "scaler", None) is not None
+                                   or self.is_deepspeed_enabled):
+                logger.info("nan_guard: %s cannot skip a step on the device; checking every step on the host "
+                            "(nan_guard_policy='stop', one sync per step)", type(inner).__name__)
+                mode = "stop"
+            self._guard = mode
+        return self._guard or self.args.nan_guard_policy
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)  # detached, after backward
+        if self._guard_mode() != "skip":
+            return loss
+        finite = torch.isfinite(loss)
+        loss = torch.where(finite, loss, torch.zeros_like(loss))  # the Trainer's running loss stays finite
+        self._step_finite = finite if self._step_finite is None else self._step_finite & finite
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm; with the "skip" guard also the step's verdict, on the device: a non-finite
+        global norm (any non-finite gradient) or loss on any rank sets the optimizer's `found_inf`, and the fused
+        kernel then leaves the weights, moments and step count as they were."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self._guard_mode() != "skip" or not isinstance(grad_norm, torch.Tensor):
+            return grad_norm
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        bad = ~torch.isfinite(norm.detach().float().reshape(()).to(self.args.device))
+        if self._step_finite is not None:
+            loss_bad = (~self._step_finite).float()
+            if self.args.world_size > 1:  # one small collective, no host sync: every rank skips the same steps
+                loss_bad = self.accelerator.reduce(loss_bad, reduction="sum")
+            bad = bad | (loss_bad > 0)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.found_inf = bad.float()
+        window = self._guard_window
+        step = torch.full((), self.state.global_step + 1, device=bad.device)
+        step_loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=bad.device)
+        if not window:
+            window.update(skipped=torch.zeros((), device=bad.device), first=torch.full_like(step, -1),
+                          loss=torch.zeros((), device=bad.device))
+        window["skipped"] = window["skipped"] + bad
+        window["first"] = torch.where(bad & (window["first"] < 0), step, window["first"])
+        window["loss"] = window["loss"] + torch.where(bad, torch.zeros_like(step_loss), step_loss)
+        self._step_finite = self._step_loss = None
+        return grad_norm
+
+    def _report_skipped(self, logs: dict | None) -> None:
+        """At a logging step (one host read): warn about skipped steps and log their count with the loss of the
+        applied steps; stop with FloatingPointError when every step since the last report was skipped."""
+        window, start = self._guard_window, self._guard_window_start
+        self._guard_window, self._guard_window_start = {}, self.state.global_step
+        if not window:
+            return
+        skipped = int(window["skipped"])
+        if skipped == 0:
+            return
+        steps, first = self.state.global_step - start, int(window["first"])
+        if skipped >= steps:
+            span = f"step {first}" if first == self.state.global_step else \
+                f"step {first} and every step to {self.state.global_step}"
+            raise FloatingPointError(
+                f"non-finite training loss or gradients at {span}: those optimizer steps were skipped on the device, "
+                f"so the weights and the checkpoints in {self.args.output_dir} hold no NaN. Training stopped: lower "
+                f"the learning rate or check the data")
+        logger.warning("skipped %d of %d optimizer steps (from step %d) with a non-finite loss or gradients; the "
+                       "weights hold no NaN", skipped, steps, first)
+        if logs is not None and "loss" in logs:
+            applied = self.accelerator.reduce(window["loss"].to(self.args.device), reduction="mean")
+            logs["loss"] = round(float(applied) / (steps - skipped), 4)
+            logs["skipped_steps"] = skipped
 
     def batch_plan(self, batch_size: int, device, shared: torch.Generator, micro: int):
         """What this micro-batch trains, handed to `diffusion_loss` as its `t`: the stratified times (B,)
@@ -280,9 +418,13 @@ class DiffusionTrainer(Trainer):
         return {}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self._report_skipped(logs)
         if "loss" in logs and self._components:
             for key, values in self._components.items():
-                value = torch.stack(values).mean().to(self.args.device)
+                value = torch.stack(values)
+                finite = torch.isfinite(value)  # a skipped step's non-finite components are left out
+                value = (torch.where(finite, value, 0).sum() / finite.sum().clamp(min=1)).to(self.args.device)
                 logs[key] = round(float(self.accelerator.reduce(value, reduction="mean")), 4)
             self._components.clear()
         super().log(logs, start_time)
@@ -331,16 +473,28 @@ class DiffusionTrainer(Trainer):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Checkpoints (internal calls) keep the raw weights; an explicit save exports the EMA weights if enabled."""
+        """Checkpoints (internal calls) keep the raw weights; an explicit save exports the EMA weights if enabled.
+        Under FSDP with `SHARDED_STATE_DICT` (checkpoints as shards), an explicit save still writes one ordinary
+        `model.safetensors`: the Trainer would write nothing there."""
         if self.ema is None or _internal_call:
-            return super().save_model(output_dir, _internal_call)
+            return self._save_model(output_dir, _internal_call)
         with self.ema.swapped(self.accelerator.unwrap_model(self.model)):
+            return self._save_model(output_dir, _internal_call)
+
+    def _save_model(self, output_dir, _internal_call):
+        sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            self.accelerator.state.fsdp_plugin.state_dict_type)
+        if _internal_call or not sharded:
             return super().save_model(output_dir, _internal_call)
+        state_dict = full_tensors(self.accelerator.unwrap_model(self.model).state_dict())  # every rank gathers
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
     def save_extra_state(self, folder: str) -> None:
-        """Hook: objective state that must travel with a checkpoint (written before the completion marker)."""
+        """Hook: objective state that must travel with a checkpoint (written before the completion marker). Called
+        on every rank (FSDP2 gathers sharded state collectively); only `self.args.should_save` writes files."""
         if self.ema is not None:
-            self.ema.save(folder)
+            self.ema.save(folder, write=self.args.should_save)
 
     def _save_checkpoint(self, model, trial):
         limit = self.args.save_total_limit
@@ -351,8 +505,10 @@ class DiffusionTrainer(Trainer):
             self.args.save_total_limit = limit
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+        self.save_extra_state(folder)
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker counts them
         if self.args.should_save:
-            self.save_extra_state(folder)
             write_checkpoint_marker(folder, self.state.global_step)
             if limit:
                 self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
@@ -373,7 +529,10 @@ class DiffusionTrainer(Trainer):
                                  f"resume from an earlier one or pass resume_from_checkpoint=True")
         if resume_from_checkpoint:
             logger.info("resuming from %s", resume_from_checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self._guard_window, self._guard_window_start = {}, self.state.global_step
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self._report_skipped(None)  # steps after the last logging step
+        return output
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

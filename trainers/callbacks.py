@@ -15,7 +15,8 @@ the checkpoint's metadata, so a resumed run continues the same warm-up.
 checkpoint is saved, and training ends; a second Ctrl-C aborts at once.
 
 `NonFiniteGuardCallback` stops training before an optimizer step whose gradients hold NaN or inf, so no NaN weights are
-ever written (the loss itself is checked in `DiffusionTrainer.compute_loss`).
+ever written (the loss itself is checked in `DiffusionTrainer.compute_loss`). It reads the gradients on the host at
+every step; `DiffusionTrainer`'s default guard (`nan_guard_policy="skip"`) skips such a step on the device instead.
 """
 
 from __future__ import annotations
@@ -35,6 +36,21 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies; a sharded `DTensor` (FSDP2) is gathered first, a collective that every rank must call."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).contiguous().cpu() for k, v in tensors.items()}
+
+
+def placed_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` (a full, ordinary tensor) on `like`'s device and, if `like` is a sharded DTensor (FSDP2), sharded
+    like it (each rank keeps its own slice: no communication)."""
+    if hasattr(like, "device_mesh") and not hasattr(tensor, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+    return tensor.to(like.device)
 
 
 class EMACallback(TrainerCallback):
@@ -72,6 +88,9 @@ class EMACallback(TrainerCallback):
         if self.shadow is None or self.shadow.keys() != params.keys():
             self.initialize(model)
         names = list(params)
+        for n in names:  # weights loaded from a file before the model was sharded: shard the average the same way
+            if hasattr(params[n], "device_mesh") and not hasattr(self.shadow[n], "device_mesh"):
+                self.shadow[n] = placed_like(self.shadow[n].float(), params[n])
         shadow = [self.shadow[n] for n in names]
         current = [params[n].detach().float() for n in names]
         torch._foreach_lerp_(shadow, current, 1.0 - self.current_decay())
@@ -81,9 +100,13 @@ class EMACallback(TrainerCallback):
         if model is not None:
             self.update(model)
 
-    def save(self, directory: str | os.PathLike) -> None:
+    def save(self, directory: str | os.PathLike, write: bool = True) -> None:
+        """Write `ema.safetensors` (full tensors). Under FSDP2 every rank must call it (the shards are gathered);
+        only those with `write` write the file."""
         if self.shadow is not None:
-            tensors = {k: v.contiguous().cpu() for k, v in self.shadow.items()}
+            tensors = full_tensors(self.shadow)
+            if not write:
+                return
             metadata = {"num_updates": str(self.num_updates), "decay": repr(self.decay), "warmup": str(self.warmup)}
             save_file(tensors, os.path.join(directory, EMA_WEIGHTS_NAME), metadata=metadata)
 
@@ -116,7 +139,7 @@ class EMACallback(TrainerCallback):
             for name, p in params.items():
                 if name in self.shadow:
                     backup[name] = p.detach().clone()
-                    p.copy_(self.shadow[name].to(p.device, p.dtype))
+                    p.copy_(placed_like(self.shadow[name], p).to(p.dtype))
         try:
             yield model
         finally:
@@ -127,9 +150,15 @@ class EMACallback(TrainerCallback):
 
 class NonFiniteGuardCallback(TrainerCallback):
     """Raise `FloatingPointError` naming the step and the first offending parameters before the optimizer applies a
-    non-finite gradient. One fused reduction per step (a device sync)."""
+    non-finite gradient. One fused reduction per step (a device sync). `active` (a callable) turns it off per step:
+    `DiffusionTrainer` uses it only with `nan_guard_policy="stop"` (its default skips such steps on the device)."""
+
+    def __init__(self, active=None):
+        self.active = active
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.active is not None and not self.active():
+            return
         grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
         if not grads:  # e.g. DeepSpeed keeps gradients elsewhere; the loss check still applies
             return

@@ -27,12 +27,14 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 from modeling_dlm.functional_dlm import Noised
 from modeling_dlm.modeling_dlm import response_mask
 from modeling_dlm.noise_schedules import sigma_from_alpha
 
 from .base import DiffusionTrainer, masked_mean
+from .callbacks import full_tensors, placed_like
 from .relaxation import diffusion_transformation, gaussian_coupled_latents, gaussian_topk_relaxation
 
 
@@ -157,7 +159,17 @@ class DuoDistillationTrainer(DiffusionTrainer):
                     self.dt(0), last_dt)
 
     def refresh_teacher(self, unwrapped, round_index: int) -> None:
-        self.teacher = copy.deepcopy(unwrapped).eval().requires_grad_(False)
+        """The teacher: a frozen copy of the student. Under FSDP2 (which cannot be deep-copied) a whole, unsharded copy
+        built from the gathered weights, on every rank."""
+        if any(hasattr(p, "full_tensor") for p in unwrapped.parameters()):
+            model_class = next(c for c in type(unwrapped).__mro__
+                               if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))
+            teacher = model_class(unwrapped.config).to(self.args.device)
+            weights = full_tensors(unwrapped.state_dict())  # every rank gathers the shards
+            teacher.load_state_dict({k: v.to(self.args.device) for k, v in weights.items()})
+            self.teacher = teacher.eval().requires_grad_(False)
+        else:
+            self.teacher = copy.deepcopy(unwrapped).eval().requires_grad_(False)
         self.teacher_round = round_index
         logger.info("DCD round %d: teacher refreshed from the student, dt = %.5f", round_index, self.dt(round_index))
 
@@ -178,8 +190,10 @@ class DuoDistillationTrainer(DiffusionTrainer):
         z_t, z_s = gaussian_coupled_latents(input_ids, [m_t, m_s], V, generator=generator)
         if prompt_mask is not None:  # the prompt is clean context on both ends of the trajectory
             z_t, z_s = torch.where(prompt_mask, input_ids, z_t), torch.where(prompt_mask, input_ids, z_s)
-        student = model(input_ids=z_t, attention_mask=attention_mask, sigma=sigma_from_alpha(alpha_t).float()).logits
-        with torch.no_grad():
+        with unwrapped.ids_checked():  # z_t, z_s are drawn from the checked batch: no range check (a sync) per step
+            student = model(input_ids=z_t, attention_mask=attention_mask,
+                            sigma=sigma_from_alpha(alpha_t).float()).logits
+        with torch.no_grad(), self.teacher.ids_checked():
             teacher = self.teacher(input_ids=z_s, attention_mask=attention_mask,
                                    sigma=sigma_from_alpha(alpha_s).float()).logits
         loss, stats = consistency_distillation_loss(student, teacher, response_mask(attention_mask, prompt_mask),
@@ -191,8 +205,10 @@ class DuoDistillationTrainer(DiffusionTrainer):
     def save_extra_state(self, folder: str) -> None:
         super().save_extra_state(folder)
         if self.teacher is not None:
-            state = {k: v.contiguous().cpu() for k, v in self.teacher.state_dict().items()}
-            save_file(state, os.path.join(folder, TEACHER_WEIGHTS_NAME), metadata={"round": str(self.teacher_round)})
+            state = full_tensors(self.teacher.state_dict())  # every rank: FSDP2 gathers the shards
+            if self.args.should_save:
+                save_file(state, os.path.join(folder, TEACHER_WEIGHTS_NAME),
+                          metadata={"round": str(self.teacher_round)})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -204,4 +220,6 @@ class DuoDistillationTrainer(DiffusionTrainer):
                 round_index = int(f.metadata()["round"])
             unwrapped = self.accelerator.unwrap_model(self.model)
             self.refresh_teacher(unwrapped, round_index)
-            self.teacher.load_state_dict(load_file(path, device=str(self.args.device)))
+            teacher_state = self.teacher.state_dict()
+            saved = load_file(path)  # on the CPU, then placed like the teacher's own tensors
+            self.teacher.load_state_dict({k: placed_like(v, teacher_state[k]) for k, v in saved.items()})

@@ -450,8 +450,9 @@ class RePlaidTrainer(DiffusionTrainer):
     # ---- checkpoints ------------------------------------------------------------------------------------------------
     def save_extra_state(self, folder: str) -> None:
         super().save_extra_state(folder)
-        with open(os.path.join(folder, SPLIT_STATE_NAME), "w") as f:
-            json.dump(self.split.state_dict(), f)
+        if self.args.should_save:
+            with open(os.path.join(folder, SPLIT_STATE_NAME), "w") as f:
+                json.dump(self.split.state_dict(), f)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -1,0 +1,96 @@
+"""FSDP2 through the Trainer on CPU (issue 19): a real 2-process gloo job started with `accelerate launch`
+(`tests/fsdp_train_script.py`), for the MDLM, SDDLM, Duo (curriculum) and DCD trainers with EMA on.
+
+accelerate 1.16 enables the Trainer's FSDP settings only for accelerator device types; `DiffusionTrainer` turns such a
+multi-process CPU job into FSDP2 (`create_accelerator_and_postprocess`). The job checks that the model really is
+sharded (torch's `FSDP<Model>` class), that resuming from the sharded checkpoint continues the identical loss
+trajectory, that the losses equal those of DDP from the same seed, and that the export is one ordinary checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modeling_dlm import VARIANTS
+
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = ("mdlm", "sddlm", "duo-curriculum", "dcd")
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("fsdp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with socket.socket() as probe:  # a free port: other distributed tests may run beside this one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               str(REPO / "tests" / "fsdp_train_script.py"), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    if result.returncode != 0:
+        pytest.fail(f"accelerate launch exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["rank"] for r in reports] == [0, 1] and all(r["world_size"] == 2 for r in reports)
+    return out, reports
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_trainer_shards_with_fsdp2_on_cpu(fsdp_run, case):
+    _, reports = fsdp_run
+    for report in reports:
+        runs = report[case]
+        assert runs["fsdp"]["fsdp"] and runs["fsdp"]["wrapped"].startswith("FSDP"), runs["fsdp"]
+        assert runs["ddp"]["wrapped"] == "DistributedDataParallel" and not runs["ddp"]["fsdp"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resume_from_the_sharded_checkpoint_continues_the_same_losses(fsdp_run, case):
+    out, reports = fsdp_run
+    checkpoint = out / case / "fsdp" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and not (checkpoint / "model.safetensors").exists()
+    marker = json.loads((checkpoint / "dlm_checkpoint.json").read_text())
+    assert any(name.startswith("pytorch_model_fsdp_0/") for name in marker["files"])  # the shards are counted
+    for report in reports:
+        full, resumed = report[case]["fsdp"]["losses"], report[case]["resume"]["losses"]
+        assert sorted(full) == sorted(resumed) == ["1", "2", "3", "4"]
+        for step in ("3", "4"):  # computed after the resume
+            assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), (case, step)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fsdp_losses_equal_ddp_losses_from_the_same_seed(fsdp_run, case):
+    _, reports = fsdp_run
+    for report in reports:
+        fsdp, ddp = report[case]["fsdp"]["losses"], report[case]["ddp"]["losses"]
+        assert len(set(fsdp.values())) == 4  # the losses move, so equality can fail
+        for step in fsdp:
+            assert fsdp[step] == pytest.approx(ddp[step], rel=1e-5, abs=1e-6), (case, step, fsdp, ddp)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_export_is_one_ordinary_checkpoint_with_the_ema_weights(fsdp_run, case):
+    out, _ = fsdp_run
+    export = out / case / "fsdp" / "export"
+    config = json.loads((export / "config.json").read_text())
+    model_class = VARIANTS[config["model_type"]][1]
+    assert config["auto_map"]["AutoModel"] == f"modeling_dlm.{model_class.__name__}"
+    assert not list(export.glob("_fsdp*.py"))  # torch's FSDP class must not ship as the model code
+    model = model_class.from_pretrained(export)
+    weights = load_file(export / "model.safetensors")
+    assert set(weights) == set(model.state_dict()) and all(torch.isfinite(w).all() for w in weights.values())
+    ema = load_file(out / case / "fsdp" / "checkpoint-4" / "ema.safetensors")
+    for name, value in ema.items():  # full tensors, not rank 0's shard; exported = the EMA weights
+        assert value.shape == weights[name].shape, name
+        assert torch.allclose(value, weights[name].float(), atol=1e-6), name
