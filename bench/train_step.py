@@ -4,6 +4,11 @@ equal-size stock `LlamaForCausalLM` step and against a bare forward+backward of 
     python bench/train_step.py [--vocab 50258 --batch 8 --seq 128 --hidden 256 --layers 4 --heads 4 --repeats 5]
     python bench/train_step.py --device cuda        # the same on a GPU
     python bench/train_step.py --profile "duo (elbo)"   # the top operators of one step (torch.profiler)
+    python bench/train_step.py --compile --no_memory --cases mdlm "duo (elbo)"   # + torch.compile'd steps
+
+With `--compile`, every step is also timed with its network under `torch.compile` (inductor; the Trainer's
+`--torch_compile` compiles the same module), as "NAME (compiled)", interleaved with the eager ones, and the rows gain
+"x eager", the compiled step's time over the eager one.
 
 Every model has the same hidden size, layers, heads and (untied) vocabulary; all steps use the same batch and are
 timed interleaved (each median over the Llama median). "bare dit" is the same network as the diffusion models with a
@@ -64,21 +69,25 @@ def make_steps(args, names: list[str] | None = None) -> dict:
                                              intermediate_size=4 * args.hidden, max_position_embeddings=args.seq,
                                              tie_word_embeddings=False)).to(device).train()
 
-        def llama_step():
+        def llama_step(llama=llama):
             llama.zero_grad(set_to_none=True)
             llama(input_ids=ids, labels=ids).loss.backward()
 
         steps["ar (llama)"] = llama_step
+        if args.compile:
+            steps["ar (llama) (compiled)"] = lambda fn=llama_step, m=torch.compile(llama): fn(m)
     if want("bare dit"):
         dit = build("duo", args).to(device).train()
         sigma = torch.full((args.batch,), 1.0, device=device)
 
-        def bare_step():
+        def bare_step(net=dit):
             dit.zero_grad(set_to_none=True)
-            logits = dit(input_ids=ids, sigma=sigma).logits
+            logits = net(input_ids=ids, sigma=sigma).logits
             F.cross_entropy(logits.view(-1, logits.shape[-1]), ids.view(-1)).backward()
 
         steps["bare dit"] = bare_step
+        if args.compile:
+            steps["bare dit (compiled)"] = lambda fn=bare_step, m=torch.compile(dit): fn(m)
     for name, variant, extra, overrides in CASES:
         if not want(name):
             continue
@@ -88,11 +97,13 @@ def make_steps(args, names: list[str] | None = None) -> dict:
         trainer = TRAINERS[variant](model=model, args=targs)
         inputs = {"input_ids": ids}
 
-        def step(model=model, trainer=trainer, inputs=inputs):
+        def step(net=model, model=model, trainer=trainer, inputs=inputs):
             model.zero_grad(set_to_none=True)
-            trainer.compute_loss(model, inputs).backward()
+            trainer.compute_loss(net, inputs).backward()
 
         steps[name] = step
+        if args.compile:
+            steps[f"{name} (compiled)"] = lambda fn=step, m=torch.compile(model): fn(m)
     return steps
 
 
@@ -114,8 +125,13 @@ def time_steps(args) -> list[dict]:
             _sync(args.device)
             times[name].append(time.perf_counter() - start)
     ar, bare = statistics.median(times["ar (llama)"]), statistics.median(times["bare dit"])
-    return [{"step": name, "seconds": round(statistics.median(v), 4), "over_ar": round(statistics.median(v) / ar, 3),
+    rows = [{"step": name, "seconds": round(statistics.median(v), 4), "over_ar": round(statistics.median(v) / ar, 3),
              "over_bare": round(statistics.median(v) / bare, 3)} for name, v in times.items()]
+    for row in rows:
+        if row["step"].endswith(" (compiled)"):
+            eager = statistics.median(times[row["step"][: -len(" (compiled)")]])
+            row["over_eager"] = round(statistics.median(times[row["step"]]) / eager, 3)
+    return rows
 
 
 def _kib(field: str) -> int:
@@ -195,6 +211,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", default=None, help="print the operator profile of one step of this case")
     parser.add_argument("--no_memory", action="store_true", help="skip the per-process memory measurements")
+    parser.add_argument("--compile", action="store_true", help="also time every step with torch.compile")
     parser.add_argument("--cases", nargs="+", default=None, choices=[c[0] for c in CASES],
                         help="measure only these (plus the Llama and bare-DiT references)")
     parser.add_argument("--out", default=str(RESULTS / "train_step.json"))
@@ -207,9 +224,10 @@ def main() -> None:
         profile(args, args.profile)
         return
     rows = time_steps(args)
-    print(f"{'step':<20} {'median s':>9} {'x AR':>7} {'x bare':>7}")
+    print(f"{'step':<31} {'median s':>9} {'x AR':>7} {'x bare':>7} {'x eager':>8}")
     for r in rows:
-        print(f"{r['step']:<20} {r['seconds']:>9.4f} {r['over_ar']:>7.3f} {r['over_bare']:>7.3f}")
+        eager = f"{r['over_eager']:>8.3f}" if "over_eager" in r else ""
+        print(f"{r['step']:<31} {r['seconds']:>9.4f} {r['over_ar']:>7.3f} {r['over_bare']:>7.3f} {eager}")
     mem = []
     if not args.no_memory:
         mem = memory_table(args)

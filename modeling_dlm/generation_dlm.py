@@ -65,6 +65,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             remainder), so it must be at least the number of blocks. With `stop_at_eos`, blocks after one in which
             every row has generated EOS are not decoded (they would be padding).
         show_progress: draw a tqdm bar over the steps (off by default).
+        torch_compile: run the network call of every sampling step through `torch.compile` (off by default; compiled
+            once per model and reused by later `generate` calls; a batch whose rows leave early, or blocks of other
+            lengths, recompile once for dynamic shapes). Same samples as eager up to float rounding.
         output_trajectory: with `return_dict_in_generate`, also return the token draft after every step.
         max_new_tokens, temperature, top_k, top_p, return_dict_in_generate, pad/bos/eos ids: as in transformers.
 
@@ -99,6 +102,7 @@ class DiffusionGenerationConfig(GenerationConfig):
         for name, default in self.ADAPTIVE_FIELDS.items():
             setattr(self, name, kwargs.pop(name, default))
         self.show_progress = kwargs.pop("show_progress", False)
+        self.torch_compile = kwargs.pop("torch_compile", False)
         self.stop_at_eos = kwargs.pop("stop_at_eos", None)
         self.output_trajectory = kwargs.pop("output_trajectory", False)
         super().__init__(**kwargs)
@@ -146,6 +150,8 @@ class DiffusionGenerationConfig(GenerationConfig):
         if hasattr(self, "entropy_bound") and not (_is_number(self.entropy_bound) and self.entropy_bound > 0
                                                    and math.isfinite(self.entropy_bound)):
             bad("entropy_bound", "a finite number of nats > 0")
+        if not isinstance(self.torch_compile, bool):
+            bad("torch_compile", "True or False")
         for flag in ("allow_revision", "stop_when_stable"):
             if hasattr(self, flag) and not isinstance(getattr(self, flag), bool):
                 bad(flag, "True or False")
@@ -629,6 +635,14 @@ class DiffusionLMGenerationMixin:
         """The process step's sampler options (hook: RePlaid's DDIM and score temperature)."""
         return {"greedy": gen.sampler == "greedy_tail"}
 
+    def _compiled_forward(self):
+        """`torch.compile(self.forward)`, built on first use and kept outside the module tree (not a submodule, not
+        in the state dict)."""
+        compiled = self.__dict__.get("_dlm_compiled_forward")
+        if compiled is None:
+            compiled = self.__dict__["_dlm_compiled_forward"] = torch.compile(self.forward)
+        return compiled
+
     def _sampling_logits(self, process, z, t, state: dict, gen: DiffusionGenerationConfig) -> torch.Tensor:
         """The filtered logits of x_hat at (z, t) (hook: MDLM reuses each row's logits while its z is unchanged)."""
         return self._network_logits(process, z, t, state["mask"], state, gen)
@@ -638,7 +652,8 @@ class DiffusionLMGenerationMixin:
         """One network call at (z, t), counted in `state` (per sequence too: `rows` are the rows of z it runs on,
         None = all); the process's x_hat logits (SUBS for MDLM), then temperature, top-k and top-p (float32,
         (n, L, V))."""
-        logits = self(**process.model_inputs(z, t), attention_mask=mask).logits
+        network = self._compiled_forward() if gen.torch_compile else self
+        logits = network(**process.model_inputs(z, t), attention_mask=mask).logits
         state["forward_passes"] += 1
         state["forward_sequences"] += logits.shape[0]
         index = state.get("row_index")  # the batch rows of z (None: z is the whole batch)

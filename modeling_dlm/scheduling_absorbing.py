@@ -29,6 +29,10 @@ def drop_mask_logit(logits: torch.Tensor, mask_token_id: int, inplace: bool = Fa
 
 
 class AbsorbingStateScheduler:
+    #: how `nelbo_per_token_from_logits` finds the masked rows: "auto" (select them on the CPU, where `nonzero` waits
+    #: for nothing; fixed shapes on accelerators, where it would be a device sync), "select" or "fixed"
+    row_selection = "auto"
+
     def __init__(self, vocab_size: int, mask_token_id: int):
         if not 0 <= mask_token_id < vocab_size:
             raise ValueError(f"mask_token_id must be in [0, {vocab_size}), got {mask_token_id}")
@@ -122,15 +126,25 @@ class AbsorbingStateScheduler:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """`nelbo_per_token(subs_log_probs(logits, z_t, carry_over=False), ...)` as one cross-entropy (a log-softmax
-        without the mask column) over all B * L rows, kept where z_t is masked: fixed shapes, so no device sync (a
-        selection of the masked rows would need `nonzero`). Same value and gradient up to rounding; (B, L) in
-        `dtype`. One (B, L, V) temporary in `dtype` (the logits with the mask column at -inf)."""
+        without the mask column) on the rows that carry a loss; same value and gradient up to rounding, (B, L) in
+        `dtype`. `row_selection` decides how those rows are found: "select" computes the (N, V) masked rows only
+        (a `nonzero`: free on the CPU, a device sync on an accelerator); "fixed" computes all B * L rows and keeps
+        the masked ones (fixed shapes, no sync; one (B, L, V) temporary in `dtype`); "auto" selects on the CPU
+        only."""
         B, L, V = logits.shape
         masked = z_t == self.mask_token_id  # (B, L)
+        weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype)
+        select = self.row_selection == "select" or (self.row_selection == "auto" and logits.device.type == "cpu")
+        if select:
+            rows = masked.reshape(-1).nonzero().squeeze(-1)  # (N,)
+            picked = logits.reshape(-1, V).index_select(0, rows).to(dtype)  # (N, V), a fresh tensor
+            picked = drop_mask_logit(picked, self.mask_token_id, inplace=True)  # SUBS
+            log_p_x = -F.cross_entropy(picked, x0.reshape(-1).index_select(0, rows), reduction="none")  # (N,)
+            out = torch.zeros(B * L, dtype=dtype, device=logits.device)
+            return out.index_put((rows,), weight.expand(B, L).reshape(-1).index_select(0, rows) * log_p_x).view(B, L)
         subs = drop_mask_logit(logits.reshape(-1, V).to(dtype), self.mask_token_id,
                                inplace=logits.dtype != dtype)  # (B*L, V): a fresh tensor when cast
         log_p_x = -F.cross_entropy(subs, x0.reshape(-1), reduction="none").view(B, L)  # (B, L)
-        weight = self.nelbo_weight(alpha_t, dalpha_t, x0, dtype)
         return torch.where(masked, weight * log_p_x, torch.zeros((), dtype=dtype, device=logits.device))
 
     def nelbo_per_token(

@@ -121,3 +121,27 @@ def test_sddlm_vocab_bench(tmp_path):
     assert all(positive(v) for r in result["rows"] for v in r["integrand"])
     assert out.with_suffix(".png").stat().st_size > 1000
     assert "/ Duo" in stdout and "1.000x" in stdout
+
+
+def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path):
+    """bench/gpu_check.py, the prepared GPU check, end to end with `--device cpu --tiny` (Duo and Llama compiled)."""
+    out = tmp_path / "gpu_check.json"
+    stdout = run_script("gpu_check.py", "--device", "cpu", "--tiny", "--train_seconds", "4", "--compile_cases", "duo",
+                        "--out", str(out))
+    report = json.loads(out.read_text())
+    steps = {r["step"]: r for r in report["train_step"]}
+    assert {"ar (llama)", "bare dit", "sddlm", "duo (elbo)", "mdlm", "replaid", "ar (llama) (compiled)",
+            "duo (elbo) (compiled)"} == set(steps)
+    assert steps["ar (llama)"]["over_llama"] == 1.0 and steps["ar (llama) (compiled)"]["over_llama"] == 1.0
+    assert all(positive(r["tokens_per_s"]) and positive(r["over_llama"]) for r in steps.values())
+    for name in ("sddlm", "duo (elbo)", "mdlm", "duo (elbo) (compiled)"):  # the step reads nothing on the host
+        assert steps[name]["syncs"] == {"sync_free": True, "how": "HostSyncCounter", "events": []}, name
+    sampling = {(r["model"], r["steps"]): r["tokens_per_s"] for r in report["sampling"]}
+    for variant in ("sddlm", "duo", "mdlm", "replaid"):
+        assert all(positive(sampling[(variant, s)]) for s in (8, 32, 128))
+        assert sampling[(variant, 8)] > sampling[(variant, 128)]  # fewer network calls, faster
+    assert positive(sampling[("duo (compiled)", 32)]) and positive(sampling[("ar (llama, kv cache)", 31)])
+    training = report["training"]
+    assert training["loss_fell"] and training["steps"] >= 10 and len(training["losses"]) >= 1
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert json.loads(stdout.strip().splitlines()[-1])["loss_fell"] is True

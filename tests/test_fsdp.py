@@ -94,3 +94,27 @@ def test_the_export_is_one_ordinary_checkpoint_with_the_ema_weights(fsdp_run, ca
     for name, value in ema.items():  # full tensors, not rank 0's shard; exported = the EMA weights
         assert value.shape == weights[name].shape, name
         assert torch.allclose(value, weights[name].float(), atol=1e-6), name
+
+
+def test_readme_fsdp_command_runs_on_cpu(tmp_path):
+    """The README's FSDP2 command, as written (with `--output_dir` under tmp_path): sharded checkpoints and one
+    ordinary export, the FSDP2 switch logged once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    dlm = Path(sys.executable).with_name("dlm")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(dlm), "train", "--variant",
+               "duo", "--size", "tiny", "--dataset", "builtin", "--seq_len", "32", "--max_steps", "4",
+               "--per_device_train_batch_size", "4", "--fsdp", "--fsdp_config", str(REPO / "examples" /
+                                                                                   "fsdp_config.json"),
+               "--max_eval_samples", "8", "--save_steps", "2", "--logging_steps", "2", "--report_to", "none",
+               "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stderr.count("FSDP2 on 2 CPU processes (gloo), wrapping DiTBlock") == 1, result.stderr[-3000:]
+    for step in (2, 4):
+        assert (tmp_path / "out" / f"checkpoint-{step}" / "pytorch_model_fsdp_0").is_dir()
+    model = VARIANTS["duo"][1].from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 4 and json.loads(result.stdout.strip().splitlines()[-1])["eval_loss"] > 0

@@ -415,14 +415,17 @@ def test_sddlm_loss_matches_the_plain_autograd_chain(regularizer):
     assert stats["ce"].item() == pytest.approx(((ce * m).sum() / m.sum()).item(), rel=1e-5)
 
 
-def test_mdlm_loss_on_masked_rows_matches_the_full_log_softmax():
-    """`nelbo_per_token_from_logits` (cross-entropy on the masked rows only) equals the SUBS log-softmax chain over
-    all rows, in value and gradient, including the mask column's zero gradient."""
+@pytest.mark.parametrize("row_selection", ["select", "fixed", "auto"])
+def test_mdlm_loss_on_masked_rows_matches_the_full_log_softmax(row_selection):
+    """`nelbo_per_token_from_logits` (cross-entropy on the masked rows: selected, or all rows with fixed shapes)
+    equals the SUBS log-softmax chain over all rows, in value and gradient, including the mask column's zero
+    gradient."""
     from modeling_dlm.noise_schedules import LogLinearSchedule
     from modeling_dlm.scheduling_absorbing import AbsorbingStateScheduler
 
     V, mask = 19, 18
     sched = AbsorbingStateScheduler(V, mask)
+    sched.row_selection = row_selection
     g = torch.Generator().manual_seed(2)
     x0 = torch.randint(0, V - 1, (3, 6), generator=g)
     t = torch.tensor([0.05, 0.5, 0.97], dtype=torch.float64)

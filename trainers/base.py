@@ -225,8 +225,9 @@ class DiffusionTrainer(Trainer):
             plugin.set_mixed_precision(state.mixed_precision)
         state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
         self.is_fsdp_enabled = True
-        logger.info("FSDP2 on %d CPU processes (gloo), wrapping %s", self.args.world_size,
-                    plugin_args.get("transformer_cls_names_to_wrap"))
+        if self.args.process_index == 0:
+            logger.info("FSDP2 on %d CPU processes (gloo), wrapping %s", self.args.world_size,
+                        plugin_args.get("transformer_cls_names_to_wrap"))
 
     # ---- randomness -------------------------------------------------------------------------------------------------
     def _generators(self, device) -> tuple[torch.Generator, torch.Generator, int]:

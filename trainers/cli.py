@@ -507,6 +507,8 @@ class GenerateArguments:
         "help": "RePlaid: end a sample once its argmax decode is stable for --stability_steps steps."})
     block_size: int | None = field(default=None, metadata={
         "help": "Semi-autoregressive blocks of this many tokens, decoded left to right (default: off)."})
+    torch_compile: bool | None = field(default=None, metadata={
+        "help": "Compile the network call of each sampling step with torch.compile (default: generation config)."})
     final_step: str | None = field(default=None, metadata={"help": "grid (decode at t = 1/num_steps) | noise_removal "
                                                                    "(step to t = 1e-5, then decode: the reference "
                                                                    "loop). Default: generation config."})
@@ -534,7 +536,7 @@ def cmd_generate(argv: list[str]) -> int:
     tokenizer = load_tokenizer(args.model_dir, model)
     kwargs = {k: getattr(args, k) for k in ("num_steps", "sampler", "final_step", "temperature", "top_p", "top_k",
                                             "stop_at_eos", "confidence_threshold", "entropy_bound", "allow_revision",
-                                            "stability_steps", "stop_when_stable", "block_size")
+                                            "stability_steps", "stop_when_stable", "block_size", "torch_compile")
               if getattr(args, k) is not None}
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     input_ids = None
