@@ -175,7 +175,7 @@ def sampling(args, size) -> list[dict]:
     llama_generate()  # warm-up
     seconds = min(_timed(llama_generate, device, 2))
     rows.append({"model": "ar (llama, kv cache)", "steps": L - 1, "tokens_per_s": round(B * (L - 1) / seconds, 1)})
-    del llama
+    llama.to("meta")  # free its memory before the diffusion models
     for variant in VARIANT_CASES:
         kwargs = dict(vocab_size=size.vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
                       num_attention_heads=size.heads, cond_dim=128, max_position_embeddings=L,
@@ -187,7 +187,7 @@ def sampling(args, size) -> list[dict]:
         if variant == "duo" and args.compile_cases:
             settings.append((32, True))
         for steps, compiled in settings:
-            def generate(steps=steps, compiled=compiled):
+            def generate(steps=steps, compiled=compiled, model=model):
                 with _autocast(device):
                     model.generate(batch_size=B, max_new_tokens=L, num_steps=steps, torch_compile=compiled,
                                    generator=torch.Generator(device=device).manual_seed(0))
@@ -196,7 +196,7 @@ def sampling(args, size) -> list[dict]:
             seconds = min(_timed(generate, device, 2))
             rows.append({"model": variant + (" (compiled)" if compiled else ""), "steps": steps,
                          "tokens_per_s": round(B * L / seconds, 1)})
-        del model
+        model.to("meta")
     return rows
 
 

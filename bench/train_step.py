@@ -75,7 +75,8 @@ def make_steps(args, names: list[str] | None = None) -> dict:
 
         steps["ar (llama)"] = llama_step
         if args.compile:
-            steps["ar (llama) (compiled)"] = lambda fn=llama_step, m=torch.compile(llama): fn(m)
+            compiled = torch.compile(llama)
+            steps["ar (llama) (compiled)"] = lambda fn=llama_step, m=compiled: fn(m)
     if want("bare dit"):
         dit = build("duo", args).to(device).train()
         sigma = torch.full((args.batch,), 1.0, device=device)
@@ -87,7 +88,8 @@ def make_steps(args, names: list[str] | None = None) -> dict:
 
         steps["bare dit"] = bare_step
         if args.compile:
-            steps["bare dit (compiled)"] = lambda fn=bare_step, m=torch.compile(dit): fn(m)
+            compiled = torch.compile(dit)
+            steps["bare dit (compiled)"] = lambda fn=bare_step, m=compiled: fn(m)
     for name, variant, extra, overrides in CASES:
         if not want(name):
             continue
@@ -103,7 +105,8 @@ def make_steps(args, names: list[str] | None = None) -> dict:
 
         steps[name] = step
         if args.compile:
-            steps[f"{name} (compiled)"] = lambda fn=step, m=torch.compile(model): fn(m)
+            compiled = torch.compile(model)
+            steps[f"{name} (compiled)"] = lambda fn=step, m=compiled: fn(m)
     return steps
 
 
