@@ -270,6 +270,7 @@ class DiTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     _supports_sdpa = True
+    _supports_flash_attn = True  # `attn_implementation="flash_attention_2"` with flash-attn installed (optional)
     _supports_flex_attn = False
     _supports_attention_backend = True
 
@@ -319,7 +320,9 @@ class DiTModel(DiTPreTrainedModel):
         c = F.silu(self.sigma_map(sigma))  # (B, cond_dim)
         cos, sin = self.rotary(L, inputs_embeds.device, inputs_embeds.dtype)
         mask4d = None
-        if attention_mask is not None:
+        if attention_mask is not None and str(self.config._attn_implementation).startswith("flash"):
+            mask4d = attention_mask  # (B, L): the flash kernels take the padding mask itself (and unpad)
+        elif attention_mask is not None:
             mask4d = attention_mask.bool()[:, None, None, :].expand(B, 1, L, L)  # keys only; True = attend
         x = inputs_embeds
         hidden_states = (x,) if output_hidden_states else None

@@ -65,6 +65,7 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
     _supports_sdpa = True
+    _supports_flash_attn = True  # `attn_implementation="flash_attention_2"` with flash-attn installed (optional)
     _supports_flex_attn = False
     _supports_attention_backend = True
     _auto_class = "AutoModel"  # makes save_pretrained copy this folder's code next to the weights

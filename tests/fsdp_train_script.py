@@ -77,6 +77,13 @@ def main(out_dir: str) -> None:
     report = {}
     for case in CASES:
         report[case] = {mode: run(case, mode, out, dataset) for mode in ("fsdp", "resume", "ddp")}
+    try:  # RePlaid: a clear refusal (its schedule's 0-d parameters cannot be sharded)
+        args = DiffusionTrainingArguments(output_dir=str(out / "replaid"), report_to=[], use_cpu=True,
+                                          ddp_backend="gloo", fsdp=True, fsdp_config=FSDP_CONFIG)
+        TRAINERS["replaid"](model=model_for("replaid"), args=args, train_dataset=dataset)
+        report["replaid_error"] = "no error"
+    except ValueError as err:
+        report["replaid_error"] = f"ValueError: {err}"
     rank = torch.distributed.get_rank()
     report["rank"], report["world_size"] = rank, torch.distributed.get_world_size()
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

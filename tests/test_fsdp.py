@@ -118,3 +118,11 @@ def test_readme_fsdp_command_runs_on_cpu(tmp_path):
         assert (tmp_path / "out" / f"checkpoint-{step}" / "pytorch_model_fsdp_0").is_dir()
     model = VARIANTS["duo"][1].from_pretrained(tmp_path / "out")
     assert model.config.num_hidden_layers == 4 and json.loads(result.stdout.strip().splitlines()[-1])["eval_loss"] > 0
+
+
+
+def test_replaid_refuses_fsdp_with_a_clear_error(fsdp_run):
+    _, reports = fsdp_run
+    for report in reports:
+        assert report["replaid_error"].startswith("ValueError: RePlaidTrainer does not support FSDP yet")
+        assert "0-d parameters" in report["replaid_error"] and "DDP" in report["replaid_error"]

@@ -176,6 +176,39 @@ def test_output_attentions_sdpa_raises(batch):
         model(input_ids=batch, output_attentions=True)
 
 
+def test_flash_attention_2_is_accepted_and_gets_the_padding_mask(batch, monkeypatch, tmp_path):
+    """`attn_implementation="flash_attention_2"` is supported (flash-attn stays optional: without it, loading fails
+    with transformers' ImportError naming the package), and the flash path receives the (B, L) padding mask, which
+    the flash kernels unpad by, instead of the 4-D mask. A stand-in kernel (SDPA on that mask) proves the wiring."""
+    import importlib.util
+
+    import torch.nn.functional as F
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert all(model_class._supports_flash_attn for _, model_class in VARIANTS.values())
+    model = tiny_model("duo")
+    model.save_pretrained(tmp_path)
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match="FlashAttention2.*installed"):
+            VARIANTS["duo"][1].from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+    seen = []
+
+    def stand_in(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        seen.append(None if attention_mask is None else tuple(attention_mask.shape))
+        mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2), None  # (B, L, H, D), as the flash interface returns
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", stand_in)
+    kwargs, mask = time_kwargs("duo"), padded_mask()
+    with torch.no_grad():
+        sdpa = model(input_ids=batch, attention_mask=mask, **kwargs).logits
+        model.config._attn_implementation = "flash_attention_2"
+        flash = model(input_ids=batch, attention_mask=mask, **kwargs).logits
+    assert seen == [(BATCH, SEQ)] * LAYERS
+    torch.testing.assert_close(flash, sdpa, rtol=1e-5, atol=1e-5)
+
+
 def test_base_model_is_a_pretrained_backbone(variant, tmp_path):
     """transformers' `test_correct_missing_keys`: the base model saves alone, and the full model loaded from it
     reports the head's weights as missing; the full model's state-dict keys are unchanged."""

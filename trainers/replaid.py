@@ -304,6 +304,10 @@ class RePlaidTrainer(DiffusionTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.fsdp_plugin_args or self.is_fsdp_enabled:
+            raise ValueError("RePlaidTrainer does not support FSDP yet: torch's fully_shard refuses the learned "
+                             "schedule's 0-d parameters gamma_0 and gamma_1, and the trainer reads the embeddings "
+                             "and the schedule outside the model's forward; train RePlaid with DDP (no --fsdp)")
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not hasattr(unwrapped, "normalized_embeddings") or not hasattr(unwrapped, "noise_schedule"):
             raise TypeError(f"RePlaidTrainer trains a RePlaid model, got {type(unwrapped).__name__}")
