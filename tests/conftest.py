@@ -23,6 +23,40 @@ def shared_data(*parts: str) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A free local TCP port, for a multi-process job that must not collide with another one beside it."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_processes(script: Path, out: Path, launcher: str = "torchrun") -> list[dict]:
+    """Run `script OUT` as a real 2-process CPU job (`torchrun`, or `accelerate launch --multi_gpu`) and return the
+    `OUT/rank{0,1}.json` reports it writes (a failed job fails the test with its output)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    result = subprocess.run([*command, str(script), str(out)], capture_output=True, text=True, timeout=600, env=env,
+                            cwd=repo)
+    if result.returncode != 0:
+        pytest.fail(f"{launcher} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["rank"] for r in reports] == [0, 1] and all(r["world_size"] == 2 for r in reports)
+    return reports
+
+
 def tiny_kwargs(variant: str, **overrides) -> dict:
     kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   cond_dim=COND, max_position_embeddings=16, hidden_dropout_prob=0.0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from modeling_dlm import VARIANTS
 from trainers import DiffusionTrainingArguments
 
-from .conftest import tiny_model
+from .conftest import free_port, run_two_processes, tiny_model
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,17 +25,7 @@ EXAMPLES = REPO / "examples"
 
 @pytest.fixture(scope="module")
 def ddp_reports(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "distributed_train_script.py"), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-    if result.returncode != 0:
-        pytest.fail(f"torchrun exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert [r["rank"] for r in reports] == [0, 1] and all(r["world_size"] == 2 for r in reports)
-    return reports
+    return run_two_processes(REPO / "tests" / "distributed_train_script.py", tmp_path_factory.mktemp("ddp"))
 
 
 def test_readme_accelerate_launch_starts_two_processes_on_cpu(tmp_path):
@@ -44,9 +33,7 @@ def test_readme_accelerate_launch_starts_two_processes_on_cpu(tmp_path):
     a CPU machine (accelerate's `--multi_gpu` is its torch.distributed launcher; `--cpu` would start one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     dlm = Path(sys.executable).with_name("dlm")
-    with socket.socket() as probe:  # a free port: the torchrun job beside it uses the default one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # the torchrun job beside it uses the default one
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(dlm), "train", "--variant",
                "duo", "--size", "tiny", "--dataset", "builtin", "--seq_len", "32", "--max_steps", "2",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,8 @@ from safetensors.torch import load_file
 
 from modeling_dlm import VARIANTS
 
+from .conftest import free_port, run_two_processes
+
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = ("mdlm", "sddlm", "duo-curriculum", "dcd")
@@ -30,20 +31,7 @@ CASES = ("mdlm", "sddlm", "duo-curriculum", "dcd")
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    with socket.socket() as probe:  # a free port: other distributed tests may run beside this one
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               str(REPO / "tests" / "fsdp_train_script.py"), str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    if result.returncode != 0:
-        pytest.fail(f"accelerate launch exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    reports = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert [r["rank"] for r in reports] == [0, 1] and all(r["world_size"] == 2 for r in reports)
-    return out, reports
+    return out, run_two_processes(REPO / "tests" / "fsdp_train_script.py", out, launcher="accelerate")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -101,9 +89,7 @@ def test_readme_fsdp_command_runs_on_cpu(tmp_path):
     ordinary export, the FSDP2 switch logged once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     dlm = Path(sys.executable).with_name("dlm")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), str(dlm), "train", "--variant",
                "duo", "--size", "tiny", "--dataset", "builtin", "--seq_len", "32", "--max_steps", "4",
