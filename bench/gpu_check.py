@@ -195,7 +195,8 @@ def sampling(args, size) -> list[dict]:
             generate()  # warm-up (compilation)
             seconds = min(_timed(generate, device, 2))
             rows.append({"model": variant + (" (compiled)" if compiled else ""), "steps": steps,
-                         "tokens_per_s": round(B * L / seconds, 1)})
+                         "tokens_per_s": round(B * L / seconds, 1),
+                         "over_llama": round(B * L / seconds / rows[0]["tokens_per_s"], 3)})
         model.to("meta")
     return rows
 
@@ -304,6 +305,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a toy size (for the test suite)")
     parser.add_argument("--train_seconds", type=float, default=120.0)
+    parser.add_argument("--budget_seconds", type=float, default=480.0,
+                        help="the whole check's time limit: the training section is shortened to end within it")
     parser.add_argument("--compile_cases", nargs="*", default=list(VARIANT_CASES), choices=list(VARIANT_CASES),
                         help="variants whose steps are also timed compiled (Llama always is when any is)")
     parser.add_argument("--out", default=str(RESULTS / "gpu_check.json"))
@@ -319,6 +322,12 @@ def main() -> None:
                            "train_seconds": args.train_seconds}}
     sections = (("train_step", train_steps), ("sampling", sampling), ("training", training))
     for key, fn in sections:
+        if key == "training":  # keep the whole check within its budget (30 s left for data, saving and the plot)
+            left = args.budget_seconds - (time.perf_counter() - start) - 30
+            if left < args.train_seconds:
+                print(f"training shortened to {max(left, 10):.0f} s to fit --budget_seconds", file=sys.stderr)
+                args.train_seconds = max(left, 10.0)
+                report["settings"]["train_seconds"] = args.train_seconds
         t0 = time.perf_counter()
         report[key] = fn(args, size)
         report.setdefault("section_seconds", {})[key] = round(time.perf_counter() - t0, 1)
@@ -334,7 +343,8 @@ def main() -> None:
         print(f"{row['step']:<26} x llama {row['over_llama']:6.3f}  {row['tokens_per_s']:>10.1f} tok/s{extra}"
               + ("" if syncs is None else f"  sync-free {syncs}"))
     for row in report["sampling"]:
-        print(f"sampling {row['model']:<22} {row['steps']:>5} steps {row['tokens_per_s']:>10.1f} tok/s")
+        ratio = f"  x llama {row['over_llama']:.3f}" if "over_llama" in row else ""
+        print(f"sampling {row['model']:<22} {row['steps']:>5} steps {row['tokens_per_s']:>10.1f} tok/s{ratio}")
     t = report["training"]
     print(f"training duo: {t['steps']} steps in {t['seconds']} s, loss {t['loss_first']} -> {t['loss_last']}")
     print(json.dumps({"out": str(out), "total_seconds": report["total_seconds"],

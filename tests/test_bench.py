@@ -141,6 +141,8 @@ def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path):
         assert all(positive(sampling[(variant, s)]) for s in (8, 32, 128))
         assert sampling[(variant, 8)] > sampling[(variant, 128)]  # fewer network calls, faster
     assert positive(sampling[("duo (compiled)", 32)]) and positive(sampling[("ar (llama, kv cache)", 31)])
+    assert all(positive(r["over_llama"]) for r in report["sampling"] if not r["model"].startswith("ar"))
+    assert report["settings"]["train_seconds"] == 4 and report["total_seconds"] < 480
     training = report["training"]
     assert training["loss_fell"] and training["steps"] >= 10 and len(training["losses"]) >= 1
     assert out.with_suffix(".png").stat().st_size > 1000
