@@ -272,7 +272,7 @@ def row_stopped_matmul(a: torch.Tensor, w: torch.Tensor, stop: torch.Tensor | No
     """`a @ w` for a (B, ..., K) and w (K, N), with the gradient to `w` from the rows where `stop` (B,) is True cut
     (methods.md §C.3: self-conditioning entries train the network only). One matmul forward, two backward, instead
     of computing the product twice (with and without `w.detach()`) and selecting rows."""
-    if stop is None or not bool(stop.any()):
+    if stop is None:  # (no shortcut for an all-False `stop`: it would read the device)
         return a @ w
     return _RowStoppedMatmul.apply(a, w, (~stop.to(a.device)).to(a.dtype))
 

@@ -85,6 +85,22 @@ def test_training_steps_read_no_value_on_the_host(case, tmp_path, monkeypatch):
     assert counter.events == [], "\n".join(f"{e.op} at {e.where}" for e in counter.events)
 
 
+#: what RePlaid still reads on the host (functions of trainers/replaid.py): Plaid's adaptive split (its loss moments,
+#: once per step, and the boolean-mask assignment of the split's times) and the value-dependent row selections of
+#: self-conditioning and reconstruction
+REPLAID_READS = {"plan_batch", "replaid_training_loss", "update"}
+
+
+def test_replaid_reads_only_what_its_adaptive_split_needs(tmp_path):
+    trainer = TRAINERS["replaid"](model=tiny_model("replaid").train(), args=_args(tmp_path),
+                                  train_dataset=_dataset())
+    counter = _run(trainer)
+    places = {e.where.rsplit(" in ", 1)[-1] for e in counter.events}
+    assert counter.events and places <= REPLAID_READS, "\n".join(f"{e.op} at {e.where}" for e in counter.events)
+    assert not any("accumulate" in e.where for e in counter.events)  # the loss moments are summed on the device
+    assert sum(e.where.endswith(" in update") for e in counter.events) == 2  # one read per optimizer step
+
+
 def test_distillation_steps_read_no_value_on_the_host(tmp_path):
     trainer = DuoDistillationTrainer(model=tiny_model("duo").train(),
                                   args=_args(tmp_path, distill_round_steps=2, distill_num_steps=8),

@@ -3,7 +3,7 @@
 On CUDA, `torch.cuda.set_sync_debug_mode("error")` catches device-to-host synchronisations. A CPU has none, but the
 same places in the code can be found: a host sync happens exactly where Python reads a tensor's *value* (`bool(t)`,
 `float(t)`, `t.item()`, `t.tolist()`, `t.numpy()`) or asks for a shape that depends on values (`nonzero`, boolean-mask
-indexing, `unique`, `masked_select`, `repeat_interleave` without `output_size`). `HostSyncCounter` is a
+indexing and assignment, `unique`, `masked_select`, `repeat_interleave` without `output_size`). `HostSyncCounter` is a
 `TorchFunctionMode` that records each such call with the line of dlm code that made it, so a test on CPU proves what
 `set_sync_debug_mode` would prove on a GPU. Ops that run inside the optimizer kernels or in C++ (where a CUDA sync
 could also hide) are out of its sight; `bench/gpu_check.py` runs the CUDA check as well.
@@ -61,7 +61,7 @@ class HostSyncCounter(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if name in _VALUE_READS or (name == "repeat_interleave" and kwargs.get("output_size") is None
                                         and len(args) > 1 and isinstance(args[1], torch.Tensor)) or (
-                    name == "__getitem__" and _has_bool_index(args[1] if len(args) > 1 else None)):
+                    name in ("__getitem__", "__setitem__") and _has_bool_index(args[1] if len(args) > 1 else None)):
                 self.events.append(HostSync(name, _caller()))
         return func(*args, **kwargs)
 

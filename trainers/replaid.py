@@ -54,6 +54,7 @@ from modeling_dlm.modeling_dlm import response_mask
 from modeling_dlm.noise_schedules import antithetic_times
 
 from .base import DiffusionTrainer
+from .profiling import host_side
 
 
 logger = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def plan_batch(
                                                         antithetic=antithetic)
         t, reconstruction = t_global[index], is_reconstruction[index]
     if self_conditioning:
-        start = int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=generator, device=device))
+        start = self_conditioning_start(generator)
         chosen = (index - start) % SELF_CONDITIONING_PERIOD == 0
     else:
         chosen = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -127,6 +128,14 @@ def plan_batch(
         plan.diffusion_weight = total / (total - num_reconstruction)
         plan.num_reconstruction = num_reconstruction
     return plan
+
+
+def self_conditioning_start(generator: torch.Generator) -> int:
+    """The self-conditioning period's offset, drawn on the host from a CPU generator seeded by `generator`'s seed (the
+    same for every slice of the global batch): a host integer without reading the device."""
+    host = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5E1FC0D)
+    with host_side():
+        return int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=host))
 
 
 def _rows(plan: RePlaidBatchPlan, batch_size: int):
@@ -253,7 +262,7 @@ class ReconstructionShareCallback(TrainerCallback):
         self.reduce = reduce  # sums a float64 tensor over processes (identity on one process)
         self.updates = 0
         self.moments = [0.0, 0.0, 0.0, 0.0]  # EMAs of E[R], E[R^2], E[D], E[D^2], not bias-corrected
-        self._pending = [0.0] * 6  # this step's sums: R, R^2, count_R, D, D^2, count_D
+        self._pending: torch.Tensor | None = None  # this step's sums (6,): R, R^2, count_R, D, D^2, count_D
 
     def stds(self) -> tuple[float, float]:
         if self.updates == 0:
@@ -268,18 +277,29 @@ class ReconstructionShareCallback(TrainerCallback):
         share = std_rec / (std_rec + std_diff + 1e-8)
         return int(min(max(round(total * share), 1), total - 1))
 
-    def accumulate(self, reconstruction: torch.Tensor, diffusion: torch.Tensor) -> None:
-        """Per-entry losses (1-D) of the reconstruction and diffusion rows of one micro-batch."""
-        r, d = reconstruction.detach().double(), diffusion.detach().double()
-        values = [r.sum(), (r**2).sum(), float(r.numel()), d.sum(), (d**2).sum(), float(d.numel())]
-        self._pending = [a + float(b) for a, b in zip(self._pending, values)]
+    def accumulate(self, reconstruction: torch.Tensor, diffusion: torch.Tensor,
+                   reconstruction_mask: torch.Tensor | None = None,
+                   diffusion_mask: torch.Tensor | None = None) -> None:
+        """Per-entry losses (1-D) of the reconstruction and diffusion entries of one micro-batch, or of all its rows
+        with masks saying which entries count (fixed shapes). Summed on the device: the host reads the sums once per
+        optimizer step, in `update` (the split of the next step is a host integer)."""
+
+        def sums(x, mask):
+            x = x.detach().double()
+            weight = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+            x = torch.where(weight > 0, x, torch.zeros_like(x))
+            return torch.stack([(x * weight).sum(), (x * x * weight).sum(), weight.sum()])
+
+        values = torch.cat([sums(reconstruction, reconstruction_mask), sums(diffusion, diffusion_mask)])
+        self._pending = values if self._pending is None else self._pending + values.to(self._pending.device)
 
     def update(self, device=None) -> None:
-        sums = torch.tensor(self._pending, dtype=torch.float64, device=device)
+        pending = self._pending if self._pending is not None else torch.zeros(6, dtype=torch.float64)
+        sums = pending.to(device)
         if self.reduce is not None:
             sums = self.reduce(sums)
-        sums = sums.tolist()
-        self._pending = [0.0] * 6
+        sums = sums.tolist()  # the one host read of the step (Plaid's split needs it on the host)
+        self._pending = None
         if sums[2] == 0 or sums[5] == 0:
             return
         means = [sums[0] / sums[2], sums[1] / sums[2], sums[3] / sums[5], sums[4] / sums[5]]
@@ -291,7 +311,7 @@ class ReconstructionShareCallback(TrainerCallback):
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates, self.moments = float(state["decay"]), int(state["updates"]), list(state["moments"])
-        self._pending = [0.0] * 6
+        self._pending = None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.update(args.device)
@@ -374,8 +394,7 @@ class RePlaidTrainer(DiffusionTrainer):
         if isinstance(plan, torch.Tensor):
             chosen = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             if unwrapped.config.self_conditioning:
-                start = int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=generator,
-                                          device=input_ids.device))
+                start = self_conditioning_start(generator)
                 chosen[start::SELF_CONDITIONING_PERIOD] = True
             plan = RePlaidBatchPlan(t=t, reconstruction=None, self_conditioning=chosen)
         training = model.training
@@ -386,7 +405,7 @@ class RePlaidTrainer(DiffusionTrainer):
         )
         if training:
             recon_rows = rows["is_reconstruction"]
-            self.split.accumulate(rows["reconstruction"][recon_rows], rows["diffusion"][~recon_rows])
+            self.split.accumulate(rows["reconstruction"], rows["diffusion"], recon_rows, ~recon_rows)
         g0, g1 = unwrapped.noise_schedule.endpoints()
         stats.update({"gamma_0": g0.detach().float(), "gamma_1": g1.detach().float()})
         if plan.reconstruction is not None:
