@@ -26,7 +26,7 @@ def _losses(variant: str, tmp_path, **overrides) -> tuple[list[float], object]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], trainer
 
 
-@pytest.mark.parametrize("variant", ["duo", "mdlm"])
+@pytest.mark.parametrize("variant", ["duo"])  # one variant: each compilation costs ~25 s on this CPU
 def test_trainer_torch_compile_gives_the_eager_losses(variant, tmp_path):
     eager, _ = _losses(variant, tmp_path / "eager")
     compiled, trainer = _losses(variant, tmp_path / "compiled", torch_compile=True)

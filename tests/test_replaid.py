@@ -248,7 +248,10 @@ def test_schedule_shape_descends_the_second_moment_and_everything_else_the_nelbo
     brute = grads(model, second_moment)
     for name in SCHEDULE_SHAPE:
         assert brute[name].abs().sum() > 0, name
-        torch.testing.assert_close(hooked[name], brute[name], rtol=1e-4, atol=1e-9)
+        # float32 network: elements where positive and negative terms nearly cancel are compared at the gradient's
+        # own scale (absolute 1e-4 of its largest element) rather than relative to themselves
+        scale = float(brute[name].abs().max())
+        torch.testing.assert_close(hooked[name], brute[name], rtol=1e-4, atol=1e-4 * scale)
         assert not torch.allclose(hooked[name], plain[name], rtol=1e-2), name
     for name, g in plain.items():
         if name not in SCHEDULE_SHAPE:

@@ -71,6 +71,8 @@ class RePlaidBatchPlan:
     self_conditioning: (B,) bool, the entries with a self-conditioning pass (network-only gradients).
     reconstruction_weight, diffusion_weight: inverse inclusion probabilities, G / n_rec and G / (G - n_rec).
     num_reconstruction: n_rec over the global batch (logged).
+    host_reconstruction, host_self_conditioning: the same masks on the host (CPU), when the plan was drawn there
+    (`plan_batch`): the loss then selects its rows without reading the device. None: selected on the device.
     """
 
     t: torch.Tensor
@@ -79,6 +81,13 @@ class RePlaidBatchPlan:
     reconstruction_weight: float = 1.0
     diffusion_weight: float = 1.0
     num_reconstruction: int = 0
+    host_reconstruction: torch.Tensor | None = None
+    host_self_conditioning: torch.Tensor | None = None
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("reconstruction", "self_conditioning"):  # a changed mask: its host copy no longer holds
+            super().__setattr__(f"host_{name}", None)
 
 
 def plan_batch(
@@ -102,6 +111,8 @@ def plan_batch(
     if not 0 <= offset <= total - batch_size:
         raise ValueError(f"entries [{offset}, {offset + batch_size}) do not fit a global batch of {total}")
     index = torch.arange(offset, offset + batch_size, device=device)  # (B,) global entry indices
+    host_index = torch.arange(offset, offset + batch_size)  # the same on the host
+    host_reconstruction = None
     if num_reconstruction is None:
         t = antithetic_times(batch_size, eps=eps, generator=generator, device=device, offset=offset, total=total,
                              antithetic=antithetic)
@@ -110,19 +121,24 @@ def plan_batch(
         if not 1 <= num_reconstruction <= total - 1:
             raise ValueError(f"num_reconstruction must be in [1, {total - 1}], got {num_reconstruction}")
         num_diffusion = total - num_reconstruction
-        order = torch.randperm(total, generator=generator, device=device)  # (G,)
-        is_reconstruction = torch.zeros(total, dtype=torch.bool, device=device)
+        # which entries reconstruct: drawn on the host (a CPU generator seeded by `generator`'s seed), so the loss
+        # knows its rows without reading the device
+        order = torch.randperm(total, generator=_host_generator(generator, 0x2EC0))  # (G,), CPU
+        is_reconstruction = torch.zeros(total, dtype=torch.bool)
         is_reconstruction[order[:num_reconstruction]] = True
-        t_global = torch.zeros(total, device=device)
-        t_global[~is_reconstruction] = antithetic_times(num_diffusion, eps=eps, generator=generator, device=device,
-                                                        antithetic=antithetic)
-        t, reconstruction = t_global[index], is_reconstruction[index]
+        with host_side():
+            diffusion_entries = (~is_reconstruction).nonzero().squeeze(-1)  # (G - n_rec,) ascending, CPU
+        times = antithetic_times(num_diffusion, eps=eps, generator=generator, device=device, antithetic=antithetic)
+        t_global = torch.zeros(total, device=device).index_put_((diffusion_entries.to(device),), times.float())
+        host_reconstruction = is_reconstruction[host_index]
+        t, reconstruction = t_global[index], host_reconstruction.to(device)
     if self_conditioning:
         start = self_conditioning_start(generator)
-        chosen = (index - start) % SELF_CONDITIONING_PERIOD == 0
+        host_chosen = (host_index - start) % SELF_CONDITIONING_PERIOD == 0
     else:
-        chosen = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    plan = RePlaidBatchPlan(t=t, reconstruction=reconstruction, self_conditioning=chosen)
+        host_chosen = torch.zeros(batch_size, dtype=torch.bool)
+    plan = RePlaidBatchPlan(t=t, reconstruction=reconstruction, self_conditioning=host_chosen.to(device),
+                            host_reconstruction=host_reconstruction, host_self_conditioning=host_chosen)
     if num_reconstruction is not None:
         plan.reconstruction_weight = total / num_reconstruction
         plan.diffusion_weight = total / (total - num_reconstruction)
@@ -130,12 +146,16 @@ def plan_batch(
     return plan
 
 
+def _host_generator(generator: torch.Generator, salt: int) -> torch.Generator:
+    """A CPU generator seeded by `generator`'s seed (the same for every slice of the global batch) and `salt`."""
+    return torch.Generator().manual_seed(generator.initial_seed() ^ salt)
+
+
 def self_conditioning_start(generator: torch.Generator) -> int:
-    """The self-conditioning period's offset, drawn on the host from a CPU generator seeded by `generator`'s seed (the
-    same for every slice of the global batch): a host integer without reading the device."""
-    host = torch.Generator().manual_seed(generator.initial_seed() ^ 0x5E1FC0D)
+    """The self-conditioning period's offset, drawn on the host (`_host_generator`): a host integer without reading
+    the device."""
     with host_side():
-        return int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=host))
+        return int(torch.randint(SELF_CONDITIONING_PERIOD, (1,), generator=_host_generator(generator, 0x5E1FC0D)))
 
 
 def _rows(plan: RePlaidBatchPlan, batch_size: int):
@@ -154,6 +174,26 @@ def _rows(plan: RePlaidBatchPlan, batch_size: int):
                                device=device)
         weight = weights[reconstruction.long()]  # (B,)
     return rows, reconstruction, t, weight
+
+
+def _host_rows(plan: RePlaidBatchPlan, batch_size: int):
+    """`_rows`' is-reconstruction and live (no self-conditioning pass) masks per network row, on the host; None when
+    the plan carries no host masks."""
+    if plan.host_self_conditioning is None or (plan.reconstruction is not None and plan.host_reconstruction is None):
+        return None
+    live = ~plan.host_self_conditioning
+    if plan.reconstruction is None:
+        ones, zeros = torch.ones(batch_size, dtype=torch.bool), torch.zeros(batch_size, dtype=torch.bool)
+        return torch.cat([ones, zeros]), torch.cat([live, live])
+    return plan.host_reconstruction, live
+
+
+def _row_index(host_mask: torch.Tensor | None, device_mask: torch.Tensor, device) -> torch.Tensor:
+    """The rows where the mask is True: from the host mask when there is one (no device read), else `nonzero`."""
+    if host_mask is None:
+        return device_mask.nonzero().squeeze(-1)
+    with host_side():
+        return host_mask.nonzero().squeeze(-1).to(device, non_blocking=True)
 
 
 def replaid_training_loss(
@@ -179,6 +219,7 @@ def replaid_training_loss(
     device = input_ids.device
     scheduler, schedule = unwrapped.noise_process.scheduler, unwrapped.noise_schedule
     rows, is_recon, t, weight = _rows(plan, B)
+    host = _host_rows(plan, B)  # (is_recon, live) on the host, or None
     live_entry = ~plan.self_conditioning.to(device)  # (B,) entries whose gradients reach E and the schedule
     live = live_entry[rows]  # (R,)
     scored = response_mask(attention_mask, prompt_mask)  # (B, L) loss positions, or None for all
@@ -207,8 +248,13 @@ def replaid_training_loss(
         z = torch.where(prompt_mask[rows][..., None], scheduler.clean_latent(row_embeds, gamma), z)
 
     self_cond = None
-    if not bool(live.all()):
-        chosen = (~live).nonzero().squeeze(-1)
+    if host is None:
+        any_chosen = not bool(live.all())  # a device read (plans without host masks)
+    else:
+        with host_side():
+            any_chosen = not bool(host[1].all())
+    if any_chosen:
+        chosen = _row_index(None if host is None else ~host[1], ~live, device)
         with torch.no_grad():
             first = model(noisy_embeds=z[chosen], t=t[chosen].float(), gamma=gamma[chosen].detach(),
                           attention_mask=None if row_attention is None else row_attention[chosen],
@@ -220,7 +266,7 @@ def replaid_training_loss(
                    output_prior_scale=output_prior_scale, output_prior_stop_gradient=~live).logits  # (R, L, V)
     R, L, V = logits.shape
     # reconstruction: a cross-entropy on the reconstruction rows only
-    recon_rows = is_recon.nonzero().squeeze(-1)
+    recon_rows = _row_index(None if host is None else host[0], is_recon, device)
     recon_logits = logits.index_select(0, recon_rows).float().reshape(-1, V)
     recon_targets = input_ids[rows].index_select(0, recon_rows).reshape(-1)
     recon = torch.zeros(R, L, dtype=torch.float64, device=device).index_put(
@@ -392,11 +438,12 @@ class RePlaidTrainer(DiffusionTrainer):
                            unwrapped.config.given_latent)
             unwrapped.config.given_latent = "clean"
         if isinstance(plan, torch.Tensor):
-            chosen = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            chosen = torch.zeros(input_ids.shape[0], dtype=torch.bool)  # on the host
             if unwrapped.config.self_conditioning:
                 start = self_conditioning_start(generator)
                 chosen[start::SELF_CONDITIONING_PERIOD] = True
-            plan = RePlaidBatchPlan(t=t, reconstruction=None, self_conditioning=chosen)
+            plan = RePlaidBatchPlan(t=t, reconstruction=None, self_conditioning=chosen.to(input_ids.device),
+                                    host_self_conditioning=chosen)
         training = model.training
         loss, stats, rows = replaid_training_loss(
             model, unwrapped, input_ids, attention_mask, plan, generator=generator,
