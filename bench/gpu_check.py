@@ -20,6 +20,7 @@ Results: `--out` (JSON; every setting, the device, torch version) and the same p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 from train_step import make_steps  # bench/train_step.py (the script's folder is on sys.path)
+from transformers import TrainerCallback
 
 from modeling_dlm.scheduling_absorbing import AbsorbingStateScheduler
 from trainers.profiling import HostSyncCounter
@@ -128,7 +130,7 @@ def train_steps(args, size) -> list[dict]:
     tokens, peak = size.batch * size.seq, peak_flops(args.device)
     rows = []
     for name, fn in {**eager, **compiled}.items():
-        step = lambda fn=fn: fn_autocast(fn, args.device)  # noqa: E731
+        step = functools.partial(_with_autocast, fn, args.device)
         start = time.perf_counter()
         step()  # warm-up (the compilation, for a compiled step)
         _sync(args.device)
@@ -149,7 +151,7 @@ def train_steps(args, size) -> list[dict]:
     return rows
 
 
-def fn_autocast(fn, device) -> None:
+def _with_autocast(fn, device) -> None:
     with _autocast(device):
         fn()
 
@@ -201,28 +203,22 @@ def sampling(args, size) -> list[dict]:
     return rows
 
 
-class _SyncWindow:
-    """Trainer callback: CUDA's sync debug mode "warn" on between two non-logging steps (from step 2 on)."""
+class SyncWindow(TrainerCallback):
+    """CUDA's sync debug mode "warn" on between two non-logging steps (from step 2 on); `windows` counts them."""
 
     def __init__(self, logging_steps: int):
-        from transformers import TrainerCallback
+        self.logging_steps, self.windows = logging_steps, 0
 
-        class Callback(TrainerCallback):
-            def on_step_end(cb, args, state, control, **kwargs):
-                quiet = state.global_step >= 2 and state.global_step % logging_steps != 0
-                torch.cuda.set_sync_debug_mode("warn" if quiet else "default")
-                self.windows += quiet
+    def on_step_end(self, args, state, control, **kwargs):
+        quiet = state.global_step >= 2 and state.global_step % self.logging_steps != 0
+        torch.cuda.set_sync_debug_mode("warn" if quiet else "default")
+        self.windows += quiet
 
-            def on_train_end(cb, args, state, control, **kwargs):
-                torch.cuda.set_sync_debug_mode("default")
-
-        self.windows = 0
-        self.callback = Callback()
+    def on_train_end(self, args, state, control, **kwargs):
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def training(args, size) -> dict:
-    from transformers import TrainerCallback
-
     from trainers import DiffusionTrainingArguments, DuoTrainer
     from trainers.checkpoints import build_model
     from trainers.data import build_datasets, builtin_tokenizer
@@ -250,8 +246,8 @@ def training(args, size) -> dict:
         output_dir=str(Path(args.out).with_suffix("")) + "-train", max_steps=100_000, learning_rate=1e-3,
         warmup_steps=20, per_device_train_batch_size=size.batch, logging_steps=logging_steps, save_strategy="no",
         report_to=[], disable_tqdm=True, bf16=True, use_cpu=not cuda, seed=0, dataloader_num_workers=2 if cuda else 0)
-    window = _SyncWindow(logging_steps) if cuda else None
-    callbacks = [Deadline()] + ([window.callback] if window else [])
+    window = SyncWindow(logging_steps) if cuda else None
+    callbacks = [Deadline()] + ([window] if window else [])
     trainer = DuoTrainer(model=model, args=targs, train_dataset=train, callbacks=callbacks)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

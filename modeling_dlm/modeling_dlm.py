@@ -101,7 +101,7 @@ class DiffusionLMPreTrainedModel(PreTrainedModel):
 
         # FSDP2 (`fully_shard`) gives the module a class of its own, defined in torch: save as the dlm class, so
         # that auto_map and the shipped code name this package's files
-        model_class = next(c for c in type(self).__mro__ if not c.__module__.startswith("torch."))
+        model_class = unsharded_class(self)
         if model_class is not type(self):
             sharded_class, self.__class__ = type(self), model_class
             try:
@@ -356,6 +356,11 @@ def _as_fixed(prompt_mask: torch.Tensor | None) -> torch.Tensor | None:
 def _zero_given(per_token: torch.Tensor, prompt_mask: torch.Tensor | None) -> torch.Tensor:
     """Per-position values (B, L) with the prompt's positions set to 0 (they carry no loss)."""
     return per_token if prompt_mask is None else per_token.masked_fill(prompt_mask.bool(), 0)
+
+
+def unsharded_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2 (`fully_shard`) swaps in a subclass of its own, defined in torch."""
+    return next(c for c in type(model).__mro__ if not c.__module__.startswith("torch."))
 
 
 def embedding_matrix(embedding: nn.Embedding) -> torch.Tensor:

@@ -325,7 +325,7 @@ class DiffusionTrainer(Trainer):
             return None
         if self._guard is None and getattr(self, "optimizer", None) is not None:
             mode = self.args.nan_guard_policy
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            inner = self._torch_optimizer()
             if mode == "skip" and (not getattr(inner, "_step_supports_amp_scaling", False)
                                    or getattr(self.accelerator, "scaler", None) is not None
                                    or self.is_deepspeed_enabled):
@@ -334,6 +334,10 @@ class DiffusionTrainer(Trainer):
                 mode = "stop"
             self._guard = mode
         return self._guard or self.args.nan_guard_policy
+
+    def _torch_optimizer(self):
+        """The torch optimizer inside accelerate's wrapper."""
+        return getattr(self.optimizer, "optimizer", self.optimizer)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # detached, after backward
@@ -359,8 +363,7 @@ class DiffusionTrainer(Trainer):
             if self.args.world_size > 1:  # one small collective, no host sync: every rank skips the same steps
                 loss_bad = self.accelerator.reduce(loss_bad, reduction="sum")
             bad = bad | (loss_bad > 0)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        inner.found_inf = bad.float()
+        self._torch_optimizer().found_inf = bad.float()
         window = self._guard_window
         step = torch.full((), self.state.global_step + 1, device=bad.device)
         step_loss = self._step_loss if self._step_loss is not None else torch.zeros((), device=bad.device)
@@ -537,7 +540,8 @@ class DiffusionTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.ema is not None and not self.ema.load(resume_from_checkpoint, device=self.args.device):
+        if self.ema is not None and not self.ema.load(resume_from_checkpoint, device=self.args.device,
+                                                      model=self.accelerator.unwrap_model(self.model)):
             logger.warning("no EMA weights in %s; restarting the average from the current weights",
                            resume_from_checkpoint)
 

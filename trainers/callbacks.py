@@ -88,9 +88,6 @@ class EMACallback(TrainerCallback):
         if self.shadow is None or self.shadow.keys() != params.keys():
             self.initialize(model)
         names = list(params)
-        for n in names:  # weights loaded from a file before the model was sharded: shard the average the same way
-            if hasattr(params[n], "device_mesh") and not hasattr(self.shadow[n], "device_mesh"):
-                self.shadow[n] = placed_like(self.shadow[n].float(), params[n])
         shadow = [self.shadow[n] for n in names]
         current = [params[n].detach().float() for n in names]
         torch._foreach_lerp_(shadow, current, 1.0 - self.current_decay())
@@ -103,18 +100,22 @@ class EMACallback(TrainerCallback):
     def save(self, directory: str | os.PathLike, write: bool = True) -> None:
         """Write `ema.safetensors` (full tensors). Under FSDP2 every rank must call it (the shards are gathered);
         only those with `write` write the file."""
-        if self.shadow is not None:
-            tensors = full_tensors(self.shadow)
-            if not write:
-                return
+        if self.shadow is None or not (write or any(hasattr(v, "full_tensor") for v in self.shadow.values())):
+            return  # (a rank that does not write joins only the gather of a sharded average)
+        tensors = full_tensors(self.shadow)
+        if write:
             metadata = {"num_updates": str(self.num_updates), "decay": repr(self.decay), "warmup": str(self.warmup)}
             save_file(tensors, os.path.join(directory, EMA_WEIGHTS_NAME), metadata=metadata)
 
-    def load(self, directory: str | os.PathLike, device=None) -> bool:
+    def load(self, directory: str | os.PathLike, device=None, model=None) -> bool:
+        """Read `ema.safetensors`; with `model`, each average is placed like its parameter (sharded like it under
+        FSDP2), else moved to `device`."""
         path = os.path.join(directory, EMA_WEIGHTS_NAME)
         if not os.path.isfile(path):
             return False
-        self.shadow = {k: v.to(device) if device is not None else v for k, v in load_file(path).items()}
+        params = self._params(model) if model is not None else {}
+        self.shadow = {k: placed_like(v, params[k]) if k in params else v.to(device) if device is not None else v
+                       for k, v in load_file(path).items()}
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         # a file written before the warm-up existed: its average is past any warm-up (no count was kept)

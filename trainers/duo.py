@@ -27,14 +27,13 @@ import os
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel
 
 from modeling_dlm.functional_dlm import Noised
-from modeling_dlm.modeling_dlm import response_mask
+from modeling_dlm.modeling_dlm import response_mask, unsharded_class
 from modeling_dlm.noise_schedules import sigma_from_alpha
 
 from .base import DiffusionTrainer, masked_mean
-from .callbacks import full_tensors, placed_like
+from .callbacks import full_tensors
 from .relaxation import diffusion_transformation, gaussian_coupled_latents, gaussian_topk_relaxation
 
 
@@ -162,9 +161,7 @@ class DuoDistillationTrainer(DiffusionTrainer):
         """The teacher: a frozen copy of the student. Under FSDP2 (which cannot be deep-copied) a whole, unsharded copy
         built from the gathered weights, on every rank."""
         if any(hasattr(p, "full_tensor") for p in unwrapped.parameters()):
-            model_class = next(c for c in type(unwrapped).__mro__
-                               if issubclass(c, PreTrainedModel) and not c.__name__.startswith("FSDP"))
-            teacher = model_class(unwrapped.config).to(self.args.device)
+            teacher = unsharded_class(unwrapped)(unwrapped.config).to(self.args.device)
             weights = full_tensors(unwrapped.state_dict())  # every rank gathers the shards
             teacher.load_state_dict({k: v.to(self.args.device) for k, v in weights.items()})
             self.teacher = teacher.eval().requires_grad_(False)
@@ -204,11 +201,9 @@ class DuoDistillationTrainer(DiffusionTrainer):
     # the teacher travels with checkpoints, so a resumed run keeps the round's teacher
     def save_extra_state(self, folder: str) -> None:
         super().save_extra_state(folder)
-        if self.teacher is not None:
-            state = full_tensors(self.teacher.state_dict())  # every rank: FSDP2 gathers the shards
-            if self.args.should_save:
-                save_file(state, os.path.join(folder, TEACHER_WEIGHTS_NAME),
-                          metadata={"round": str(self.teacher_round)})
+        if self.teacher is not None and self.args.should_save:  # the teacher is whole on every rank, even under FSDP2
+            save_file(full_tensors(self.teacher.state_dict()), os.path.join(folder, TEACHER_WEIGHTS_NAME),
+                      metadata={"round": str(self.teacher_round)})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -220,6 +215,4 @@ class DuoDistillationTrainer(DiffusionTrainer):
                 round_index = int(f.metadata()["round"])
             unwrapped = self.accelerator.unwrap_model(self.model)
             self.refresh_teacher(unwrapped, round_index)
-            teacher_state = self.teacher.state_dict()
-            saved = load_file(path)  # on the CPU, then placed like the teacher's own tensors
-            self.teacher.load_state_dict({k: placed_like(v, teacher_state[k]) for k, v in saved.items()})
+            self.teacher.load_state_dict(load_file(path))  # copied onto the teacher's device (whole on every rank)
