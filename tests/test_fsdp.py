@@ -1,5 +1,5 @@
 """FSDP2 through the Trainer on CPU (issue 19): a real 2-process gloo job started with `accelerate launch`
-(`tests/fsdp_train_script.py`), for the MDLM, SDDLM, Duo (curriculum) and DCD trainers with EMA on.
+(`tests/fsdp_train_script.py`), for the MDLM, SDDLM, Duo (curriculum), DCD and RePlaid trainers with EMA on.
 
 accelerate 1.16 enables the Trainer's FSDP settings only for accelerator device types; `DiffusionTrainer` turns such a
 multi-process CPU job into FSDP2 (`create_accelerator_and_postprocess`). The job checks that the model really is
@@ -25,7 +25,7 @@ from .conftest import free_port, run_two_processes
 
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("mdlm", "sddlm", "duo-curriculum", "dcd")
+CASES = ("mdlm", "sddlm", "duo-curriculum", "dcd", "replaid")
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,16 @@ def test_readme_fsdp_command_runs_on_cpu(tmp_path):
 
 
 
-def test_replaid_refuses_fsdp_with_a_clear_error(fsdp_run):
-    _, reports = fsdp_run
+def test_replaid_keeps_its_schedule_and_embeddings_whole_and_the_export_keeps_their_shapes(fsdp_run):
+    """RePlaid's learned schedule (0-d gamma_0, gamma_1, which fully_shard cannot shard) and its embedding table stay
+    whole on each rank; the export keeps the ordinary (0-d) shapes, so it loads like any RePlaid checkpoint."""
+    out, reports = fsdp_run
+    export = load_file(out / "replaid" / "fsdp" / "export" / "model.safetensors")
+    assert export["noise_schedule.gamma_0"].shape == () and export["noise_schedule.gamma_1"].shape == ()
     for report in reports:
-        assert report["replaid_error"].startswith("ValueError: RePlaidTrainer does not support FSDP yet")
-        assert "0-d parameters" in report["replaid_error"] and "DDP" in report["replaid_error"]
+        assert all(report[case]["fsdp"]["replicated"] == [] for case in CASES if case != "replaid")  # all sharded
+        assert report["replaid"]["fsdp"]["replicated"] == ["embed_tokens.weight", "noise_schedule.W1_raw",
+                                                   "noise_schedule.W2_raw", "noise_schedule.b1",
+                                                   "noise_schedule.gamma_0", "noise_schedule.gamma_1"]
+    # both ranks hold the same replicated values after training (their gradients were averaged)
+    assert reports[0]["replaid"]["fsdp"]["replicated_sums"] == reports[1]["replaid"]["fsdp"]["replicated_sums"]

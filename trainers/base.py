@@ -163,6 +163,10 @@ class DiffusionTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss scales each micro-batch by its share of the step's loss tokens
     #: the `model_type`s this trainer's objective is for (None: any dlm model, with its own `nelbo_per_token`)
     model_types: tuple[str, ...] | None = None
+    #: under FSDP2, the modules (a regex over module names) that stay whole on every rank (torch's `ignored_params`),
+    #: e.g. tiny modules that the objective reads outside the model's forward; their gradients are averaged over the
+    #: processes before clipping, as DDP would (`_average_replicated_gradients`)
+    fsdp_replicated_modules: str | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -204,6 +208,7 @@ class DiffusionTrainer(Trainer):
         self._micro_step = 0
         self._last_step = -1
         self._eval_batches = 0
+        self._replicated_synced = -1  # the step whose replicated (FSDP-ignored) gradients were averaged
 
     def create_accelerator_and_postprocess(self):
         """accelerate (1.16) turns the Trainer's FSDP settings on only for accelerator device types (its MULTI_GPU,
@@ -214,6 +219,8 @@ class DiffusionTrainer(Trainer):
         plugin_args = self.args.fsdp_plugin_args
         state = self.accelerator.state
         if not plugin_args or state.distributed_type != DistributedType.MULTI_CPU:
+            if self.is_fsdp_enabled:
+                self._replicate_under_fsdp()
             return
         from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -225,9 +232,21 @@ class DiffusionTrainer(Trainer):
             plugin.set_mixed_precision(state.mixed_precision)
         state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
         self.is_fsdp_enabled = True
+        self._replicate_under_fsdp()
         if self.args.process_index == 0:
             logger.info("FSDP2 on %d CPU processes (gloo), wrapping %s", self.args.world_size,
                         plugin_args.get("transformer_cls_names_to_wrap"))
+
+    def _replicate_under_fsdp(self) -> None:
+        """Hands `fsdp_replicated_modules` to the FSDP2 plugin as modules to leave unsharded."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.fsdp_replicated_modules is None or plugin is None:
+            return
+        if plugin.fsdp_version != 2:
+            raise ValueError(f"{type(self).__name__} keeps {self.fsdp_replicated_modules!r} whole on every process, "
+                             f"which needs FSDP version 2 (torch's fully_shard), got fsdp_config version "
+                             f"{plugin.fsdp_version}")
+        plugin.ignored_modules = rf"(.*\.)?(?:{self.fsdp_replicated_modules})"
 
     # ---- randomness -------------------------------------------------------------------------------------------------
     def _generators(self, device) -> tuple[torch.Generator, torch.Generator, int]:
@@ -329,8 +348,9 @@ class DiffusionTrainer(Trainer):
             if mode == "skip" and (not getattr(inner, "_step_supports_amp_scaling", False)
                                    or getattr(self.accelerator, "scaler", None) is not None
                                    or self.is_deepspeed_enabled):
-                logger.info("nan_guard: %s cannot skip a step on the device; checking every step on the host "
-                            "(nan_guard_policy='stop', one sync per step)", type(inner).__name__)
+                if self.args.process_index == 0:
+                    logger.info("nan_guard: %s cannot skip a step on the device; checking every step on the host "
+                                "(nan_guard_policy='stop', one sync per step)", type(inner).__name__)
                 mode = "stop"
             self._guard = mode
         return self._guard or self.args.nan_guard_policy
@@ -349,10 +369,34 @@ class DiffusionTrainer(Trainer):
         self._step_loss = loss if self._step_loss is None else self._step_loss + loss
         return loss
 
+    def _average_replicated_gradients(self, model) -> None:
+        """Under FSDP2: the gradients of the parameters that FSDP left whole (plain tensors among the DTensors,
+        `fsdp_replicated_modules`) become their mean over the processes, in one collective (no host sync), once per
+        optimizer step and before clipping."""
+        if not self.is_fsdp_enabled or self.fsdp_replicated_modules is None or self.args.world_size < 2:
+            return
+        if self._replicated_synced == self.state.global_step:
+            return
+        self._replicated_synced = self.state.global_step
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        if not params:
+            return
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # same layout on every rank
+        flat = self.accelerator.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduction="mean")
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).to(p.dtype)
+
+    def _clip_grad_norm(self, model):
+        self._average_replicated_gradients(model)
+        return super()._clip_grad_norm(model)
+
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's gradient norm; with the "skip" guard also the step's verdict, on the device: a non-finite
         global norm (any non-finite gradient) or loss on any rank sets the optimizer's `found_inf`, and the fused
         kernel then leaves the weights, moments and step count as they were."""
+        self._average_replicated_gradients(model)
         grad_norm = super()._get_grad_norm(model, grad_norm)
         if self._guard_mode() != "skip" or not isinstance(grad_norm, torch.Tensor):
             return grad_norm

@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import threading
+from collections import defaultdict
 
 import torch
 from safetensors import safe_open
@@ -87,10 +88,12 @@ class EMACallback(TrainerCallback):
         params = self._params(model)
         if self.shadow is None or self.shadow.keys() != params.keys():
             self.initialize(model)
-        names = list(params)
-        shadow = [self.shadow[n] for n in names]
-        current = [params[n].detach().float() for n in names]
-        torch._foreach_lerp_(shadow, current, 1.0 - self.current_decay())
+        weight = 1.0 - self.current_decay()
+        groups: dict[type, list[str]] = defaultdict(list)  # one foreach call per tensor type: FSDP2 can leave some
+        for name, param in params.items():  # parameters whole (plain tensors) beside the sharded DTensors
+            groups[type(param.data)].append(name)
+        for names in groups.values():
+            torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], weight)
         self.num_updates += 1
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

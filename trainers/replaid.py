@@ -367,13 +367,19 @@ class RePlaidTrainer(DiffusionTrainer):
     """Trains `RePlaidForDiffusionLM` by the NELBO with Plaid's variance reductions (see the module docstring)."""
 
     model_types = ("replaid",)
+    # under FSDP2 the learned schedule and the embedding table stay whole on every process: fully_shard cannot shard
+    # the schedule's 0-d gamma_0/gamma_1, and the loss reads both outside the model's forward (the table is V x d_e,
+    # d_e = 16: small next to the network); their gradients are averaged as DDP would
+    fsdp_replicated_modules = "noise_schedule|embed_tokens"
 
     def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if getattr(training_args, "deepspeed", None):  # before the Trainer sets up accelerate's (process-wide) state
+            raise ValueError("RePlaidTrainer does not support DeepSpeed: the engine cannot broadcast the learned "
+                             "schedule's 0-d parameters gamma_0 and gamma_1 (and ZeRO would partition the schedule "
+                             "that the loss reads outside the model's forward); train RePlaid with DDP or FSDP2 "
+                             "(--fsdp, version 2)")
         super().__init__(*args, **kwargs)
-        if self.args.fsdp_plugin_args or self.is_fsdp_enabled:
-            raise ValueError("RePlaidTrainer does not support FSDP yet: torch's fully_shard refuses the learned "
-                             "schedule's 0-d parameters gamma_0 and gamma_1, and the trainer reads the embeddings "
-                             "and the schedule outside the model's forward; train RePlaid with DDP (no --fsdp)")
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not hasattr(unwrapped, "normalized_embeddings") or not hasattr(unwrapped, "noise_schedule"):
             raise TypeError(f"RePlaidTrainer trains a RePlaid model, got {type(unwrapped).__name__}")
