@@ -163,6 +163,31 @@ def test_reconstruction_share_from_bias_corrected_moments():
     assert loud.num_reconstruction(8) == 7  # clamped to G - 1
 
 
+def test_lagged_split_folds_each_step_in_one_step_later():
+    """Lag 1 sees the same moments as lag 0, one step later; the pending step survives a checkpoint round trip."""
+    exact, lagged = ReconstructionShareCallback(decay=0.9), ReconstructionShareCallback(decay=0.9, lag=1)
+    gen = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(4):
+        rec, diff = torch.rand(3, generator=gen, dtype=F64), 5 * torch.rand(5, generator=gen, dtype=F64)
+        for share in (exact, lagged):
+            share.accumulate(rec, diff)
+            share.update()
+        history.append((exact.stds(), exact.updates))
+        assert lagged.updates == exact.updates - 1
+        if len(history) > 1:
+            assert lagged.stds() == history[-2][0]
+    assert lagged.num_reconstruction(16) != 1  # the lagged moments are live, not the initial split
+    restored = ReconstructionShareCallback(decay=0.9, lag=1)
+    restored.load_state_dict(json.loads(json.dumps(lagged.state_dict())))
+    for share in (restored, lagged):  # the next step folds the saved step in, as the uninterrupted run does
+        share.accumulate(torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64))
+        share.update()
+    assert restored.stds() == lagged.stds() == exact.stds() and restored.updates == exact.updates
+    with pytest.raises(ValueError, match="lag must be 0 or 1 steps, got 2"):
+        ReconstructionShareCallback(lag=2)
+
+
 def test_split_estimator_is_unbiased():
     """Over many draws (subset, t, noise), the split estimate's mean matches the all-terms estimate's mean, part by
     part, within 4 standard errors, for a fixed batch of 4 with padding (inverse-inclusion weights). For speed, one

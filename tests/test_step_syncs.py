@@ -56,8 +56,7 @@ def _args(tmp_path, **overrides) -> DiffusionTrainingArguments:
     return DiffusionTrainingArguments(**kwargs)
 
 
-# RePlaid is not here yet: Plaid's adaptive batch split picks its reconstruction rows from loss moments read on the
-# host every step, and its self-conditioning and reconstruction rows are selected with value-dependent shapes.
+# RePlaid has its own tests below: with Plaid's exact split (lag 0) it reads the loss moments once per step.
 CASES = {variant: {} for variant in VARIANTS if variant != "replaid"}
 CASES["duo-curriculum"] = {"curriculum_steps": 10}
 CASES["duo-curriculum-top-k"] = {"curriculum_steps": 10, "curriculum_top_k": 3}
@@ -95,6 +94,16 @@ def test_replaid_reads_once_per_step_for_its_adaptive_split(tmp_path):
     assert [e.op for e in counter.events] == ["tolist", "tolist"], "\n".join(f"{e.op} at {e.where}"
                                                                             for e in counter.events)
     assert all(e.where.endswith(" in update") for e in counter.events)  # two steps, one read each
+
+
+def test_replaid_with_a_lagged_split_reads_nothing(tmp_path):
+    """`replaid_split_lag=1` (the default on accelerators): each step's moments are copied to the host without
+    waiting and size the split one step later, so RePlaid's step reads no device value either."""
+    trainer = TRAINERS["replaid"](model=tiny_model("replaid").train(), args=_args(tmp_path, replaid_split_lag=1),
+                                  train_dataset=_dataset())
+    counter = _run(trainer)
+    assert trainer.state.global_step == 4 and trainer.split.lag == 1 and trainer.split.updates == 3
+    assert counter.events == [], "\n".join(f"{e.op} at {e.where}" for e in counter.events)
 
 
 def test_distillation_steps_read_no_value_on_the_host(tmp_path):

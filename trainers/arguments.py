@@ -89,6 +89,13 @@ class DiffusionTrainingArguments(TrainingArguments):
     replaid_split_ema_decay: float = field(
         default=0.997, metadata={"help": "RePlaid: decay of the loss-moment EMAs behind the adaptive split (Plaid)."}
     )
+    replaid_split_lag: int | None = field(
+        default=None,
+        metadata={"help": "RePlaid: steps between a step's loss moments and the split they size. 0 (Plaid): read "
+                          "on the host at the step's end, one device sync per step. 1: copied without waiting and "
+                          "folded in one step later (no sync; the split uses moments one step older). None (auto): "
+                          "1 on accelerators, 0 on the CPU (where the read costs nothing)."},
+    )
     schedule_variance_gradient: bool = field(
         default=True,
         metadata={"help": "RePlaid: train the schedule's shape on E[L_diff^2] (gradient multiplied by 2 L_diff per "
@@ -182,6 +189,8 @@ class DiffusionTrainingArguments(TrainingArguments):
         if self.replaid_batch_split not in ("adaptive", "all_terms"):
             raise ValueError(f"`replaid_batch_split` must be 'adaptive' or 'all_terms', got "
                              f"{self.replaid_batch_split!r}")
+        if self.replaid_split_lag not in (None, 0, 1):
+            raise ValueError(f"`replaid_split_lag` must be 0, 1 or None (auto), got {self.replaid_split_lag!r}")
         if not 0.0 < self.replaid_split_ema_decay < 1.0:
             raise ValueError(f"`replaid_split_ema_decay` must be in (0, 1), got {self.replaid_split_ema_decay!r}")
         if self.output_prior_warmup_steps is not None and self.output_prior_warmup_steps < 0:

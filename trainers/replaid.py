@@ -13,7 +13,9 @@ Per token, in nats, with gamma(t) = gamma_0 + (gamma_1 - gamma_0) gamma_hat(t) t
   times t_j = (j + u) / (G - n_rec) (one shared u per step, mapped onto [sampling_eps, 1] as in `antithetic_times`).
   std_rec and std_diff come from bias-corrected EMAs (decay 0.997 [`replaid_split_ema_decay`]) of the first and
   second moments of the per-entry losses, updated once per optimizer step with the global batch's values (identical on
-  every process) and saved with checkpoints (`replaid_split.json`), so a resumed run replays the same split. Which
+  every process) and saved with checkpoints (`replaid_split.json`), so a resumed run replays the same split. With
+  `replaid_split_lag=1` (auto on accelerators) a step's moments are folded in one step later, copied to the host
+  without a device sync (a deviation from Plaid, which reads them at once). Which
   entries reconstruct is a uniformly random subset, and each part is weighted by its inverse inclusion probability
   (G / n_rec, G / (G - n_rec)): each part is averaged over its own count, and the loss is an unbiased estimate of the
   all-terms NELBO of the batch. One network call per entry instead of two. With a global batch of one entry the split
@@ -303,12 +305,16 @@ class ReconstructionShareCallback(TrainerCallback):
     processes) and folded in once per optimizer step; `RePlaidTrainer` saves the state as `replaid_split.json` in every
     checkpoint (before the checkpoint's completion marker) and restores it on resume."""
 
-    def __init__(self, decay: float = 0.997, reduce=None):
+    def __init__(self, decay: float = 0.997, reduce=None, lag: int = 0):
+        if lag not in (0, 1):
+            raise ValueError(f"the adaptive split's lag must be 0 or 1 steps, got {lag!r}")
         self.decay = decay
         self.reduce = reduce  # sums a float64 tensor over processes (identity on one process)
+        self.lag = lag  # 0: fold each step's moments in at its end (Plaid); 1: one step later, without waiting
         self.updates = 0
         self.moments = [0.0, 0.0, 0.0, 0.0]  # EMAs of E[R], E[R^2], E[D], E[D^2], not bias-corrected
         self._pending: torch.Tensor | None = None  # this step's sums (6,): R, R^2, count_R, D, D^2, count_D
+        self._lagged: tuple[torch.Tensor, object] | None = None  # lag 1: last step's sums on the host, and its copy
 
     def stds(self) -> tuple[float, float]:
         if self.updates == 0:
@@ -340,12 +346,38 @@ class ReconstructionShareCallback(TrainerCallback):
         self._pending = values if self._pending is None else self._pending + values.to(self._pending.device)
 
     def update(self, device=None) -> None:
+        """Folds this step's sums into the moments. Lag 0 reads them on the host now (one device sync per step, as
+        Plaid); lag 1 starts their copy to the host and folds in the previous step's copy, which finished long ago,
+        so the host never waits for the device (the split then uses moments one step older than Plaid's)."""
         pending = self._pending if self._pending is not None else torch.zeros(6, dtype=torch.float64)
         sums = pending.to(device)
         if self.reduce is not None:
             sums = self.reduce(sums)
-        sums = sums.tolist()  # the one host read of the step (Plaid's split needs it on the host)
         self._pending = None
+        if self.lag == 0:
+            self._fold(sums.tolist())  # the one host read of the step (Plaid's split needs it on the host)
+            return
+        previous, self._lagged = self._lagged, self._copy_to_host(sums)
+        if previous is not None:
+            host, copied = previous
+            if copied is not None:
+                copied.synchronize()  # recorded a whole step ago: complete, no wait
+            with host_side():
+                self._fold(host.tolist())
+
+    @staticmethod
+    def _copy_to_host(sums: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """A host copy of `sums` started without waiting (pinned memory, non_blocking) and the event that marks its
+        end; on the CPU a plain copy and no event."""
+        if sums.device.type == "cpu":
+            return sums.clone(), None
+        host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        copied = torch.Event(device=sums.device)
+        copied.record()
+        return host, copied
+
+    def _fold(self, sums: list[float]) -> None:
         if sums[2] == 0 or sums[5] == 0:
             return
         means = [sums[0] / sums[2], sums[1] / sums[2], sums[3] / sums[5], sums[4] / sums[5]]
@@ -353,11 +385,20 @@ class ReconstructionShareCallback(TrainerCallback):
         self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "moments": list(self.moments)}
+        """The moments and, with lag 1, the last step's sums that are not folded in yet (read at save time)."""
+        state = {"decay": self.decay, "updates": self.updates, "moments": list(self.moments)}
+        if self._lagged is not None:
+            host, copied = self._lagged
+            if copied is not None:
+                copied.synchronize()
+            state["lagged"] = host.tolist()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.decay, self.updates, self.moments = float(state["decay"]), int(state["updates"]), list(state["moments"])
         self._pending = None
+        lagged = state.get("lagged")
+        self._lagged = None if lagged is None else (torch.tensor(lagged, dtype=torch.float64), None)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.update(args.device)
@@ -385,7 +426,11 @@ class RePlaidTrainer(DiffusionTrainer):
             raise TypeError(f"RePlaidTrainer trains a RePlaid model, got {type(unwrapped).__name__}")
         if self.args.freeze_schedule:
             unwrapped.noise_schedule.requires_grad_(False)
-        self.split = ReconstructionShareCallback(self.args.replaid_split_ema_decay, reduce=self._sum_over_processes)
+        lag = self.args.replaid_split_lag
+        if lag is None:  # auto: no wait on accelerators; on the CPU a host read costs nothing, so Plaid's exact split
+            lag = 0 if self.args.device.type == "cpu" else 1
+        self.split = ReconstructionShareCallback(self.args.replaid_split_ema_decay, reduce=self._sum_over_processes,
+                                                 lag=lag)
         self.add_callback(self.split)
         self._warned_single_entry = False
 
