@@ -14,6 +14,7 @@ At the `small` size of the papers (768 x 12, V = 50258, L = 1024, batch 8), in b
    Duo at 32 steps with the compiled sampling step (`torch_compile=True`);
 4. `--train_seconds` (default 120) of Trainer training of the `small` Duo preset (vocabulary of the built-in BPE)
    on the built-in corpus, with the sync debug mode on between logging steps: the loss must fall.
+5. which fused SDPA kernels (flash, memory-efficient) the DiT's attention reaches, unpadded and padded.
 Results: `--out` (JSON; every setting, the device, torch version) and the same path with `.png`.
 """
 
@@ -39,7 +40,7 @@ from trainers.profiling import HostSyncCounter
 
 RESULTS = Path(__file__).parent / "results"
 VARIANT_CASES = {"sddlm": "sddlm", "duo": "duo (elbo)", "mdlm": "mdlm", "replaid": "replaid"}
-SYNC_FREE = ("sddlm", "duo", "mdlm")  # RePlaid's adaptive split still reads its loss moments every step
+SYNC_FREE = ("sddlm", "duo", "mdlm", "replaid")  # the steps checked for host syncs
 SAMPLING_STEPS = (8, 32, 128)
 #: dense bf16 peak FLOP/s by device name (MFU is left out for other devices)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -203,6 +204,39 @@ def sampling(args, size) -> list[dict]:
     return rows
 
 
+def attention_kernels(args, size) -> list[dict]:
+    """Which fused SDPA kernels the DiT's attention reaches: a forward restricted to one backend at a time
+    (`torch.nn.attention.sdpa_kernel`) fails when the call cannot use it. Unpadded batches (no mask) should reach
+    flash and memory-efficient attention; a padded batch (a boolean mask) the memory-efficient kernel on CUDA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from trainers.checkpoints import build_model
+
+    device, B, L = torch.device(args.device), size.batch, size.seq
+    model = build_model("duo", seed=0, vocab_size=size.vocab, hidden_size=size.hidden, num_hidden_layers=size.layers,
+                        num_attention_heads=size.heads, cond_dim=128, max_position_embeddings=L,
+                        hidden_dropout_prob=0.0).to(device).eval()
+    ids = torch.randint(0, size.vocab - 1, (B, L), generator=torch.Generator().manual_seed(0)).to(device)
+    padded = torch.ones_like(ids)
+    padded[0, L // 2:] = 0
+    sigma = torch.ones(B, device=device)
+    cases = [("flash", SDPBackend.FLASH_ATTENTION, None), ("efficient", SDPBackend.EFFICIENT_ATTENTION, None),
+             ("efficient", SDPBackend.EFFICIENT_ATTENTION, padded)]
+    rows = []
+    for name, backend, mask in cases:
+        row = {"kernel": name, "batch": "unpadded" if mask is None else "padded"}
+        try:
+            with torch.no_grad(), _autocast(device), sdpa_kernel(backend):
+                model(input_ids=ids, sigma=sigma, attention_mask=mask)
+            _sync(device)
+            row["reached"] = True
+        except RuntimeError as err:
+            row.update(reached=False, error=str(err).splitlines()[0][:200])
+        rows.append(row)
+    model.to("meta")
+    return rows
+
+
 class SyncWindow(TrainerCallback):
     """CUDA's sync debug mode "warn" on between two non-logging steps (from step 2 on); `windows` counts them."""
 
@@ -316,7 +350,8 @@ def main() -> None:
               "settings": {**{k: v for k, v in vars(size).items() if k not in ("compile", "cases")},
                            "dtype": "bf16 autocast", "compile_cases": args.compile_cases,
                            "train_seconds": args.train_seconds}}
-    sections = (("train_step", train_steps), ("sampling", sampling), ("training", training))
+    sections = (("attention", attention_kernels), ("train_step", train_steps), ("sampling", sampling),
+                ("training", training))
     for key, fn in sections:
         if key == "training":  # keep the whole check within its budget (30 s left for data, saving and the plot)
             left = args.budget_seconds - (time.perf_counter() - start) - 30
@@ -338,6 +373,8 @@ def main() -> None:
         syncs = row.get("syncs", {}).get("sync_free")
         print(f"{row['step']:<26} x llama {row['over_llama']:6.3f}  {row['tokens_per_s']:>10.1f} tok/s{extra}"
               + ("" if syncs is None else f"  sync-free {syncs}"))
+    for row in report["attention"]:
+        print(f"sdpa {row['kernel']:<10} {row['batch']:<9} reached {row['reached']}")
     for row in report["sampling"]:
         ratio = f"  x llama {row['over_llama']:.3f}" if "over_llama" in row else ""
         print(f"sampling {row['model']:<22} {row['steps']:>5} steps {row['tokens_per_s']:>10.1f} tok/s{ratio}")

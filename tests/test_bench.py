@@ -134,8 +134,12 @@ def test_gpu_check_runs_on_cpu_at_tiny_size(tmp_path):
             "duo (elbo) (compiled)"} == set(steps)
     assert steps["ar (llama)"]["over_llama"] == 1.0 and steps["ar (llama) (compiled)"]["over_llama"] == 1.0
     assert all(positive(r["tokens_per_s"]) and positive(r["over_llama"]) for r in steps.values())
-    for name in ("sddlm", "duo (elbo)", "mdlm", "duo (elbo) (compiled)"):  # the step reads nothing on the host
+    for name in ("sddlm", "duo (elbo)", "mdlm", "replaid", "duo (elbo) (compiled)"):  # no value read on the host
         assert steps[name]["syncs"] == {"sync_free": True, "how": "HostSyncCounter", "events": []}, name
+    # the CPU has a flash kernel too: an unpadded batch (no mask) reaches it; a padded one is a masked call
+    attention = {(r["kernel"], r["batch"]): r for r in report["attention"]}
+    assert attention[("flash", "unpadded")]["reached"], attention
+    assert set(attention) == {("flash", "unpadded"), ("efficient", "unpadded"), ("efficient", "padded")}
     sampling = {(r["model"], r["steps"]): r["tokens_per_s"] for r in report["sampling"]}
     for variant in ("sddlm", "duo", "mdlm", "replaid"):
         assert all(positive(sampling[(variant, s)]) for s in (8, 32, 128))
