@@ -1,4 +1,4 @@
-"""The `dlm` command: quickstart, train, distill, eval, generate, push and convert.
+"""The `dlm` command: quickstart, train, distill, eval, generate, push, convert and lm-eval.
 
 Built on `HfArgumentParser`, so every `TrainingArguments` field is a flag of `dlm train` (`--max_steps`,
 `--output_dir`, `--learning_rate`, ...). Errors in user input print one line (`dlm: error: ...`) and exit with
@@ -818,6 +818,16 @@ def cmd_quickstart(argv: list[str]) -> int:
     return 0
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    """`lm_eval ARGS` with `--model dlm` available (lm-eval 0.4 has no plugin entry points; the import registers
+    it)."""
+    try:
+        from trainers.lm_eval_dlm import main as lm_eval_main
+    except ImportError as err:
+        raise ImportError(f"dlm lm-eval needs lm-eval 0.4 (pip install 'dlm[eval]'): {err}") from None
+    return lm_eval_main(argv)
+
+
 COMMANDS = {
     "quickstart": (cmd_quickstart, "train a tiny Duo model offline, sample, save and reload it"),
     "train": (cmd_train, "train a model (every TrainingArguments field is a flag)"),
@@ -826,6 +836,7 @@ COMMANDS = {
     "generate": (cmd_generate, "sample text from a checkpoint"),
     "push": (cmd_push, "upload a checkpoint folder to the Hub (safetensors, code, tokenizer, configs)"),
     "convert": (cmd_convert, "import the authors' released Duo / Duo-distilled / MDLM weights (--from duo|mdlm)"),
+    "lm-eval": (cmd_lm_eval, "lm-evaluation-harness's own command line with the `dlm` model registered"),
 }
 
 
@@ -851,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[command][0](rest)
-    except (ValueError, TypeError, OSError, NotImplementedError, KeyError, FloatingPointError) as err:
+    except (ValueError, TypeError, OSError, NotImplementedError, KeyError, FloatingPointError, ImportError) as err:
         if debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -134,6 +134,7 @@ class DuoDistillationTrainer(DiffusionTrainer):
         self.teacher_round = -1
         for key, value in self.distilled_generation.items():
             setattr(unwrapped.generation_config, key, value)
+        unwrapped.config.distillation = "dcd"  # saved in config.json: evaluation says what the checkpoint's bound is
 
     def distill_round(self, step: int) -> int:
         return step // self.args.distill_round_steps

@@ -1,0 +1,216 @@
+"""The lm-evaluation-harness model `dlm` (trainers/lm_eval_dlm.py, issue 20), through the real
+`lm_eval.simple_evaluate` offline, for every diffusion variant: a multiple-choice task built from AG News test rows, a
+perplexity task from WikiText-2 test paragraphs and a generation task, all local YAMLs over JSON files written here.
+Each score must equal a direct computation with `model.nelbo` / `model.generate` under the same seed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lm_eval  # noqa: E402  (a dev dependency: its absence fails here, never a skip)
+import pytest
+import torch
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from trainers.checkpoints import build_model
+from trainers.data import builtin_tokenizer
+from trainers.lm_eval_dlm import DiffusionLMEval  # noqa: E402
+
+from .conftest import shared_data
+
+
+VARIANTS = ("sddlm", "duo", "mdlm", "replaid")
+SEQ, MC, SEED = 64, 4, 3
+CHOICES = ["World", "Sports", "Business", "Science"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Checkpoints (tiny, random, the builtin BPE with 384 tokens), the data files and the task YAMLs."""
+    out = tmp_path_factory.mktemp("lm_eval")
+    tokenizer = builtin_tokenizer(384)
+    for variant in VARIANTS:
+        kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, cond_dim=16,
+                      hidden_dropout_prob=0.0)
+        if variant == "replaid":
+            kwargs["schedule_hidden_size"] = 8
+        model = build_model(variant, tokenizer=tokenizer, seq_len=SEQ, seed=0, **kwargs)
+        with torch.no_grad():  # perturb the zero-initialised output layers: scores then differ between choices
+            for name, p in model.named_parameters():
+                if "adaLN_modulation" in name or "output_layer" in name:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+        model.save_pretrained(out / variant)
+        tokenizer.save_pretrained(out / variant)
+    with open(shared_data("ag_news", "test.csv"), encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))[:5]
+    docs = [{"text": title, "label": int(label) - 1} for label, title, _ in rows]
+    (out / "ag.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    text = shared_data("wikitext-2-raw", "wiki.test.raw").read_text(encoding="utf-8")
+    paragraphs = [line.strip() for line in text.split("\n") if 150 < len(line) < 400][:3]
+    (out / "wiki.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    tasks = out / "tasks"
+    tasks.mkdir()
+    data = {"ag": out / "ag.jsonl", "wiki": out / "wiki.jsonl"}
+    header = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
+    (tasks / "mc.yaml").write_text(
+        "task: dlm_test_mc\n" + header.format(path=data["ag"]) + "output_type: multiple_choice\n"
+        'doc_to_text: "{{text}}\\nTopic:"\n' f"doc_to_choice: {json.dumps(CHOICES)}\n" "doc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    (tasks / "ppl.yaml").write_text(
+        "task: dlm_test_ppl\n" + header.format(path=data["wiki"]) + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n")
+    (tasks / "gen.yaml").write_text(
+        "task: dlm_test_gen\n" + header.format(path=data["ag"]) + "output_type: generate_until\n"
+        'doc_to_text: "{{text}}"\ndoc_to_target: "{{label}}"\n'
+        'generation_kwargs:\n  until: ["e"]\n  max_gen_toks: 6\n'
+        "metric_list:\n  - metric: exact_match\n")
+    return out, docs, paragraphs
+
+
+def _evaluate(out: Path, variant: str, tasks: list[str]) -> dict:
+    return lm_eval.simple_evaluate(model="dlm", model_args=f"pretrained={out / variant},mc_num={MC},seed={SEED},"
+                                                           f"show_progress=false",
+                                   tasks=tasks, task_manager=TaskManager(include_path=str(out / "tasks")),
+                                   log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+
+
+def _direct(model, context_ids: list[int], scored_ids: list[int]) -> float:
+    """Minus the conditional NELBO (summed over the scored tokens), MC copies as one batch, the same seed."""
+    ids = torch.tensor([context_ids + scored_ids]).expand(MC, -1)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, :len(context_ids)] = True
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        conditional = {"prompt_mask": mask} if context_ids else {}
+        return -float(model.nelbo(ids, generator=generator, reduction="sum", **conditional).double().mean())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_lm_eval_scores_equal_the_direct_nelbo(setup, variant):
+    out, docs, paragraphs = setup
+    result = _evaluate(out, variant, ["dlm_test_mc", "dlm_test_ppl"])
+    lm = DiffusionLMEval(pretrained=str(out / variant), mc_num=MC, seed=SEED, show_progress=False)
+    model, tokenizer = lm.model, lm.tokenizer
+
+    def encode(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # multiple choice: lm-eval joins context and choice with " "; the space belongs to the continuation
+    samples = sorted(result["samples"]["dlm_test_mc"], key=lambda s: s["doc_id"])
+    correct, truncated = [], False
+    for sample, doc in zip(samples, docs):
+        context = doc["text"] + "\nTopic:"
+        scores = []
+        for choice, resp in zip(CHOICES, sample["resps"]):
+            whole, context_ids = encode(context + " " + choice), encode(context)
+            continuation = whole[len(context_ids):]
+            truncated |= len(whole) > SEQ
+            expected = _direct(model, context_ids[len(whole) - SEQ:] if len(whole) > SEQ else context_ids,
+                               continuation)  # a context too long for the model loses its left end
+            (ll, greedy), = resp
+            assert ll == pytest.approx(expected, rel=1e-9, abs=1e-9), (variant, choice)
+            assert isinstance(greedy, bool)
+            scores.append(expected)
+        assert len(set(scores)) == len(CHOICES)  # the scores differ, so the equality above can fail
+        correct.append(float(max(range(len(scores)), key=scores.__getitem__) == doc["label"]))
+    assert result["results"]["dlm_test_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+    assert truncated  # some contexts were cut to fit
+
+    # perplexity: windows of SEQ tokens, each token scored once; the last, shorter one gets earlier tokens as context
+    total_ll, total_words, total_bytes = 0.0, 0, 0
+    rolled = sorted(result["samples"]["dlm_test_ppl"], key=lambda s: s["doc_id"])
+    for text, sample in zip(paragraphs, rolled):
+        ids = encode(text)
+        assert len(ids) > SEQ  # several windows
+        ll = 0.0
+        for start in range(0, len(ids), SEQ):
+            scored = ids[start:start + SEQ]
+            context = ids[start + len(scored) - SEQ:start] if start else []
+            ll += _direct(model, context, scored)
+        assert sample["resps"] == [[pytest.approx(ll, rel=1e-9)]]
+        total_ll += ll
+        total_words += len(text.split())  # lm-eval's word count for perplexity tasks (whitespace split)
+        total_bytes += len(text.encode("utf-8"))
+    ppl = result["results"]["dlm_test_ppl"]
+    assert ppl["word_perplexity,none"] == pytest.approx(math.exp(-total_ll / total_words), rel=1e-9)
+    assert ppl["bits_per_byte,none"] == pytest.approx(-total_ll / total_bytes / math.log(2), rel=1e-9)
+
+
+def test_generate_until_samples_with_the_checkpoint_settings_and_cuts_at_until(setup):
+    out, docs, _ = setup
+    result = _evaluate(out, "duo", ["dlm_test_gen"])
+    lm = DiffusionLMEval(pretrained=str(out / "duo"), mc_num=MC, seed=SEED, show_progress=False)
+    samples = sorted(result["samples"]["dlm_test_gen"], key=lambda s: s["doc_id"])
+    cut_any = False
+    for sample, doc in zip(samples, docs):
+        ids = torch.tensor([lm.encode(doc["text"])[-(SEQ - 6):]])  # the prompt's left end goes when it is too long
+        generated = lm.model.generate(input_ids=ids, max_new_tokens=6, show_progress=False,
+                                      generator=torch.Generator().manual_seed(SEED))[0, ids.shape[1]:]
+        text = lm.tokenizer.decode(generated.tolist(), skip_special_tokens=True)
+        expected = text.split("e")[0]
+        cut_any |= expected != text
+        assert sample["resps"] == [[expected]], (sample["resps"], text)
+    assert cut_any  # `until` did cut at least one sample
+
+
+def test_guard_rails_for_distilled_and_settingless_checkpoints(setup, tmp_path, caplog):
+    out, _, _ = setup
+    folder = tmp_path / "student"
+    model = DiffusionLMEval(pretrained=str(out / "duo"), show_progress=False).model
+    model.config.distillation = "dcd"  # what DuoDistillationTrainer writes into a distilled checkpoint
+    model.save_pretrained(folder)
+    builtin_tokenizer(384).save_pretrained(folder)
+    os.remove(folder / "generation_config.json")
+    with caplog.at_level(logging.INFO, logger="trainers.lm_eval_dlm"):
+        lm = DiffusionLMEval(pretrained=str(folder), show_progress=False)
+        assert lm.generate_until([]) == []
+    assert "DCD-distilled few-step student" in caplog.text and "ELBO of the distilled network" in caplog.text
+
+    class Request:
+        args = ("a", {"until": ["\n"], "max_gen_toks": 2})
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainers.lm_eval_dlm"):
+        assert len(lm.generate_until([Request()])) == 1
+    assert "has no generation_config.json" in caplog.text
+
+
+def test_bad_model_args_and_requests_are_value_errors(setup):
+    out, _, _ = setup
+    with pytest.raises(ValueError, match="unknown model_args .*'mcnum'"):
+        DiffusionLMEval(pretrained=str(out / "mdlm"), mcnum=3)
+    with pytest.raises(ValueError, match="mc_num must be a positive integer, got 0"):
+        DiffusionLMEval(pretrained=str(out / "mdlm"), mc_num=0)
+    with pytest.raises(ValueError, match=r"max_length must be in \[2, 64\].*got 65"):
+        DiffusionLMEval(pretrained=str(out / "mdlm"), max_length=65)
+    lm = DiffusionLMEval(pretrained=str(out / "mdlm"), max_length=16, show_progress=False)
+    with pytest.raises(ValueError, match="longer than max_length 16"):
+        lm.encode_pair("context", " word" * 40)
+    context_ids, continuation_ids = lm.encode_pair("a long context " * 10, " end")
+    assert len(context_ids) + len(continuation_ids) == 16  # the context loses its left end
+    assert lm_eval.api.registry.get_model("dlm") is DiffusionLMEval
+
+
+def test_dlm_lm_eval_runs_lm_evals_own_command_line(setup, tmp_path):
+    """`dlm lm-eval --model dlm ...`: lm-eval's CLI, with the `dlm` model registered, writes its results JSON."""
+    out, _, _ = setup
+    dlm = Path(sys.executable).with_name("dlm")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(dlm), "lm-eval", "--model", "dlm", "--model_args",
+                             f"pretrained={out / 'mdlm'},mc_num=2,show_progress=false", "--tasks", "dlm_test_mc",
+                             "--include_path", str(out / "tasks"), "--output_path", str(tmp_path / "results")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = list((tmp_path / "results").rglob("results_*.json"))
+    assert len(files) == 1, result.stderr[-2000:]
+    report = json.loads(files[0].read_text())
+    assert 0.0 <= report["results"]["dlm_test_mc"]["acc,none"] <= 1.0
+    assert report["config"]["model"] == "dlm"
