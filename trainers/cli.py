@@ -410,6 +410,60 @@ class EvalArguments:
     final_step: str | None = field(default=None, metadata={"help": "grid | noise_removal: where the last call of "
                                                                    "the judged samples decodes."})
     top_p: float | None = field(default=None, metadata={"help": "Nucleus filtering of the judged samples."})
+    suite: str | None = field(default=None, metadata={
+        "help": "'zero-shot': the MDLM/UDLM/Duo papers' zero-shot likelihood suite over seven corpora (PTB, "
+                "WikiText-103, LM1B, LAMBADA, AG News, PubMed, arXiv): a table and a JSON of every setting."})
+    corpora: str | None = field(default=None, metadata={
+        "help": "--suite: comma-separated corpora (default: the seven; also wikitext2)."})
+    data_dir: str | None = field(default=None, metadata={
+        "help": "--suite: local copies laid out like ../shared/data (ptb/ptb.valid.txt, wikitext-2-raw/, "
+                "lambada/lambada_test.jsonl, ag_news/test.csv, lm1b/test.txt, scientific_papers/{pubmed,arxiv}/); "
+                "default: the Hub."})
+    splits: str | None = field(default=None, metadata={
+        "help": "--suite: split overrides, e.g. 'ptb=test' (recorded; the table marks non-paper splits)."})
+    block_size: int | None = field(default=None, metadata={
+        "help": "--suite: block length (default: 1024, or the model's length when shorter)."})
+    group_rows: int = field(default=1000, metadata={
+        "help": "--suite: rows concatenated per group before blocking, each group's remainder dropped (the "
+                "reference's batched map: 1000); 0: the whole split as one group."})
+    insert_eos: bool = field(default=False, metadata={
+        "help": "--suite: put EOS between rows (Duo's zero-shot script: False)."})
+    min_coverage: float = field(default=0.5, metadata={
+        "help": "--suite: fail when the blocks cover less than this share of a corpus' tokens."})
+    output_json: str | None = field(default=None, metadata={"help": "--suite: also write the JSON report here."})
+
+
+def cmd_zero_shot(eval_args: EvalArguments, data_args: DataArguments) -> int:
+    from trainers.zero_shot import DEFAULT_CORPORA, SUITE_NAME, format_table, run_suite
+
+    if eval_args.suite != SUITE_NAME:
+        raise ValueError(f"unknown --suite {eval_args.suite!r}; the suite is {SUITE_NAME!r}")
+    if data_args.dataset != "builtin" or eval_args.split is not None or eval_args.judge is not None:
+        raise ValueError("--suite zero-shot reads its own corpora and splits: drop --dataset, --split and --judge "
+                         "(use --corpora, --splits, --data_dir)")
+    corpora = tuple(c.strip() for c in eval_args.corpora.split(",") if c.strip()) if eval_args.corpora \
+        else DEFAULT_CORPORA
+    splits = {}
+    for item in (eval_args.splits.split(",") if eval_args.splits else []):
+        corpus, sep, split = item.partition("=")
+        if not sep or not corpus.strip() or not split.strip():
+            raise ValueError(f"--splits takes CORPUS=SPLIT items, got {item!r}")
+        splits[corpus.strip()] = split.strip()
+    model = load_model(eval_args.model_dir, eval_args.device)
+    if not hasattr(model, "nelbo_per_token"):
+        raise ValueError(f"--suite zero-shot scores a diffusion model's bound; {eval_args.model_dir} is a causal LM")
+    tokenizer = load_tokenizer(eval_args.model_dir, model)
+    report = run_suite(model, tokenizer, corpora=corpora, data_dir=eval_args.data_dir, splits=splits,
+                       block_size=eval_args.block_size, batch_size=eval_args.batch_size,
+                       num_time_samples=eval_args.num_time_samples, eps=eval_args.sampling_eps, seed=eval_args.seed,
+                       insert_eos=eval_args.insert_eos, group_rows=eval_args.group_rows or None,
+                       min_coverage=eval_args.min_coverage, max_eval_samples=data_args.max_eval_samples,
+                       model_dir=eval_args.model_dir)
+    print(format_table(report))
+    if eval_args.output_json:
+        Path(eval_args.output_json).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return 0
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -419,6 +473,8 @@ def cmd_eval(argv: list[str]) -> int:
     parser = _hf_parser(EvalArguments, DataArguments)
     parser.prog = "dlm eval"
     eval_args, data_args = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
+    if eval_args.suite is not None:
+        return cmd_zero_shot(eval_args, data_args)
     model = load_model(eval_args.model_dir, eval_args.device)
     tokenizer = load_tokenizer(eval_args.model_dir, model)
     max_len = getattr(model.config, "max_position_embeddings", data_args.seq_len)
