@@ -23,7 +23,7 @@ from trainers.checkpoints import build_model
 from trainers.data import builtin_tokenizer
 from trainers.lm_eval_dlm import DiffusionLMEval  # noqa: E402
 
-from .conftest import shared_data
+from .conftest import SHARED_DATA, shared_data
 
 
 VARIANTS = ("sddlm", "duo", "mdlm", "replaid")
@@ -169,10 +169,18 @@ def test_guard_rails_for_distilled_and_settingless_checkpoints(setup, tmp_path, 
     model.save_pretrained(folder)
     builtin_tokenizer(384).save_pretrained(folder)
     os.remove(folder / "generation_config.json")
-    with caplog.at_level(logging.INFO, logger="trainers.lm_eval_dlm"):
+    with caplog.at_level(logging.INFO):
         lm = DiffusionLMEval(pretrained=str(folder), show_progress=False)
         assert lm.generate_until([]) == []
     assert "DCD-distilled few-step student" in caplog.text and "ELBO of the distilled network" in caplog.text
+    from trainers.zero_shot import run_suite
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the zero-shot suite says it too, and records the kind
+        report = run_suite(lm.model, lm.tokenizer, corpora=["wikitext2"], data_dir=str(SHARED_DATA), block_size=64,
+                           max_eval_samples=2, model_dir=str(folder))
+    assert report["settings"]["checkpoint_kind"] == "DCD-distilled few-step student"
+    assert "ELBO of the distilled network" in caplog.text
 
     class Request:
         args = ("a", {"until": ["\n"], "max_gen_toks": 2})

@@ -134,3 +134,15 @@ def test_detokenisers_undo_each_corpus_tokenisation():
     assert (CORPORA["ptb"].hub, CORPORA["ptb"].split, CORPORA["ptb"].column) == ("ptb_text_only", "validation",
                                                                                  "sentence")
     assert (CORPORA["ag_news"].split, CORPORA["lm1b"].split, CORPORA["pubmed"].column) == ("test", "test", "article")
+
+
+def test_dlm_eval_says_when_it_scores_a_distilled_student(checkpoint, tmp_path):
+    model = load_model(str(checkpoint), "cpu")
+    model.config.distillation = "dcd"  # what DuoDistillationTrainer writes
+    model.save_pretrained(tmp_path / "student")
+    load_tokenizer(str(checkpoint), model).save_pretrained(tmp_path / "student")
+    result = run_dlm("eval", str(tmp_path / "student"), "--dataset", str(shared_data("ptb", "ptb.test.txt")),
+                     "--seq_len", str(BLOCK), "--max_eval_samples", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "is a DCD-distilled (few-step) student: its bound is the ELBO of the distilled network" in result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["checkpoint_kind"] == "DCD-distilled few-step student"

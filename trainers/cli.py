@@ -477,6 +477,11 @@ def cmd_eval(argv: list[str]) -> int:
         return cmd_zero_shot(eval_args, data_args)
     model = load_model(eval_args.model_dir, eval_args.device)
     tokenizer = load_tokenizer(eval_args.model_dir, model)
+    kind = None
+    if hasattr(model, "nelbo_per_token"):
+        from trainers.evaluation import announce_checkpoint
+
+        kind = announce_checkpoint(model, eval_args.model_dir)
     max_len = getattr(model.config, "max_position_embeddings", data_args.seq_len)
     if data_args.seq_len > max_len:
         raise ValueError(f"--seq_len {data_args.seq_len} exceeds the model's max_position_embeddings {max_len}")
@@ -529,7 +534,7 @@ def cmd_eval(argv: list[str]) -> int:
                    "lines": counts["lines"], "documents": counts["documents"], "text_tokens": counts["text_tokens"],
                    "rows": len(dataset), "rows_total": counts["rows"], "max_eval_samples": data_args.max_eval_samples,
                    "seq_len": data_args.seq_len, "mode": data_args.mode, "task": data_args.task,
-                   "num_time_samples": eval_args.num_time_samples,
+                   "num_time_samples": eval_args.num_time_samples, "checkpoint_kind": kind,
                    "seconds": round(time.time() - start, 2)})
     print(json.dumps(result))
     return 0

@@ -7,6 +7,7 @@ bpd = NELBO / ln 2. `num_time_samples` > 1 averages several t per sequence to cu
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -16,6 +17,32 @@ from transformers import default_data_collator
 from modeling_dlm.generation_dlm import check_token_ids
 from modeling_dlm.modeling_dlm import response_mask
 from modeling_dlm.noise_schedules import antithetic_times
+
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_kind(model) -> str:
+    """What the checkpoint's bound means: a diffusion model trained on its NELBO, or a DCD-distilled student (marked
+    by `DuoDistillationTrainer`, or by `dlm convert` of the authors' distilled weights)."""
+    config = model.config
+    source = getattr(config, "reference_source", None)
+    if getattr(config, "distillation", None) == "dcd" or (isinstance(source, dict) and source.get("distilled")):
+        return "DCD-distilled few-step student"
+    return f"{config.model_type} diffusion model"
+
+
+def announce_checkpoint(model, name: str) -> str:
+    """Logs which kind of checkpoint is evaluated and, for a distilled student, what its bound means; returns the
+    kind."""
+    kind = checkpoint_kind(model)
+    if kind.startswith("DCD"):
+        logger.warning("%s is a DCD-distilled (few-step) student: its bound is the ELBO of the distilled network, "
+                       "which distillation does not train (it trains few-step sampling); it is not the teacher's "
+                       "likelihood, so compare it with the teacher's only as such", name)
+    else:
+        logger.info("%s: a %s; its bound is the NELBO it was trained on", name, kind)
+    return kind
 
 
 def nelbo_batch_sums(

@@ -73,6 +73,7 @@ class DiffusionLMEval(LM):
                  device: str | None = None, batch_size: int | str = 1, show_progress: bool | str = True, **kwargs):
         super().__init__()
         from .checkpoints import load_model, load_tokenizer
+        from .evaluation import announce_checkpoint
 
         unknown = sorted(set(kwargs) - {"dtype", "trust_remote_code", "max_batch_size"})
         if unknown:
@@ -99,14 +100,10 @@ class DiffusionLMEval(LM):
         self.show_progress = _flag(show_progress)
         self.pretrained = str(pretrained)
         self.has_sampler_settings = _has_generation_config(self.pretrained)
-        kind = checkpoint_kind(self.model)
+        kind = announce_checkpoint(self.model, self.pretrained)
         logger.info("dlm lm-eval model: %s (%s, %s); loglikelihood = minus the conditional NELBO over %d time "
                     "samples (seed %d), a lower bound on log p; max_length %d", self.pretrained,
                     type(self.model).__name__, kind, self.mc_num, self.seed, self.max_length)
-        if kind.startswith("DCD"):
-            logger.warning("%s is a DCD-distilled (few-step) student: its bound is the ELBO of the distilled "
-                           "network, which DCD does not train; compare its likelihoods with the teacher's only as "
-                           "such", self.pretrained)
 
     # ---- lm-eval's interface ----------------------------------------------------------------------------------------
     @property
@@ -228,14 +225,6 @@ def rolling_windows(ids: list[int], length: int) -> list[tuple[list[int], list[i
         context = ids[max(0, start + len(scored) - length):start] if start else []
         windows.append((context, scored))
     return windows
-
-
-def checkpoint_kind(model) -> str:
-    """What the checkpoint's bound means: a diffusion model trained on its NELBO, or a DCD-distilled student."""
-    config = model.config
-    if getattr(config, "distillation", None) == "dcd":  # set by DuoDistillationTrainer
-        return "DCD-distilled few-step student"
-    return f"{config.model_type} diffusion model"
 
 
 def _has_generation_config(path: str) -> bool:

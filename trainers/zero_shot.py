@@ -241,15 +241,16 @@ def run_suite(model, tokenizer, *, corpora=DEFAULT_CORPORA, data_dir: str | None
     if bos is None or eos is None:
         raise ValueError("the zero-shot suite frames blocks [BOS] ... [EOS]: the tokenizer needs a bos (or cls) and "
                          "an eos (or sep) token")
-    from .lm_eval_dlm import checkpoint_kind
+    from .evaluation import announce_checkpoint
 
+    kind = announce_checkpoint(model, model_dir or type(model).__name__)
     settings = {
         "suite": SUITE_NAME, "block_size": block_size, "insert_eos": insert_eos, "group_rows": group_rows,
         "framing": "[BOS] block [EOS]", "t_sampling": f"antithetic over each batch, t in [{eps:g}, 1]",
         "num_time_samples": num_time_samples, "batch_size": batch_size, "seed": seed, "min_coverage": min_coverage,
         "max_eval_samples": max_eval_samples, "partial": max_eval_samples is not None, "data_dir": data_dir,
         "dlm_version": dlm_version(), "model": model_dir, "model_type": model.config.model_type,
-        "checkpoint_kind": checkpoint_kind(model), "config_sha256": config_hash(model),
+        "checkpoint_kind": kind, "config_sha256": config_hash(model),
         "tokenizer": getattr(tokenizer, "name_or_path", None), "vocab_size": model.config.vocab_size,
     }
     rows = []
