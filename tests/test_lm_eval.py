@@ -207,18 +207,27 @@ def test_bad_model_args_and_requests_are_value_errors(setup):
     assert lm_eval.api.registry.get_model("dlm") is DiffusionLMEval
 
 
-def test_dlm_lm_eval_runs_lm_evals_own_command_line(setup, tmp_path):
-    """`dlm lm-eval --model dlm ...`: lm-eval's CLI, with the `dlm` model registered, writes its results JSON."""
+def test_readme_lm_eval_command_runs_the_local_tasks(setup, tmp_path):
+    """The README's `dlm lm-eval` command as written (the checkpoint path, --limit and --output_path added), from the
+    repository root: lm-eval's own CLI with the `dlm` model registered, over the task YAMLs in examples/lm_eval_tasks
+    that read ../shared/data."""
     out, _, _ = setup
+    repo = Path(__file__).resolve().parents[1]
     dlm = Path(sys.executable).with_name("dlm")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([str(dlm), "lm-eval", "--model", "dlm", "--model_args",
-                             f"pretrained={out / 'mdlm'},mc_num=2,show_progress=false", "--tasks", "dlm_test_mc",
-                             "--include_path", str(out / "tasks"), "--output_path", str(tmp_path / "results")],
-                            capture_output=True, text=True, timeout=300, env=env)
+                             f"pretrained={out / 'mdlm'},mc_num=2", "--tasks",
+                             "dlm_lambada_local,dlm_ag_news_local,dlm_wikitext2_local", "--include_path",
+                             "examples/lm_eval_tasks", "--limit", "3", "--output_path", str(tmp_path / "results")],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=repo)
     assert result.returncode == 0, result.stderr[-3000:]
     files = list((tmp_path / "results").rglob("results_*.json"))
     assert len(files) == 1, result.stderr[-2000:]
     report = json.loads(files[0].read_text())
-    assert 0.0 <= report["results"]["dlm_test_mc"]["acc,none"] <= 1.0
+    results = report["results"]
     assert report["config"]["model"] == "dlm"
+    assert 0.0 <= results["dlm_ag_news_local"]["acc,none"] <= 1.0
+    lambada = results["dlm_lambada_local"]
+    assert 0.0 <= lambada["acc,none"] <= 1.0 and lambada["perplexity,none"] > 1
+    assert results["dlm_wikitext2_local"]["bits_per_byte,none"] > 0
+    assert "|dlm_ag_news_local" in result.stdout  # lm-eval's table
