@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -215,10 +217,13 @@ def test_readme_lm_eval_command_runs_the_local_tasks(setup, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     dlm = Path(sys.executable).with_name("dlm")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(dlm), "lm-eval", "--model", "dlm", "--model_args",
-                             f"pretrained={out / 'mdlm'},mc_num=2", "--tasks",
-                             "dlm_lambada_local,dlm_ag_news_local,dlm_wikitext2_local", "--include_path",
-                             "examples/lm_eval_tasks", "--limit", "3", "--output_path", str(tmp_path / "results")],
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(dlm lm-eval --model dlm .*?)```", readme, flags=re.DOTALL).group(1)
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["dlm", "lm-eval"] and "pretrained=runs/zs/duo,mc_num=8" in argv and "--limit" in argv
+    argv = [a.replace("pretrained=runs/zs/duo,mc_num=8", f"pretrained={out / 'mdlm'},mc_num=2") for a in argv]
+    argv[argv.index("--limit") + 1] = "3"  # the README's 200 documents per task, cut for the test's time
+    result = subprocess.run([str(dlm), *argv[1:], "--output_path", str(tmp_path / "results")],
                             capture_output=True, text=True, timeout=300, env=env, cwd=repo)
     assert result.returncode == 0, result.stderr[-3000:]
     files = list((tmp_path / "results").rglob("results_*.json"))

@@ -18,7 +18,8 @@ put between rows (`insert_eos`). The token stream is grouped like the reference'
 group, `group_rows`): each group is concatenated and cut into blocks of L - 2 tokens framed [BOS] block [EOS]
 (L = 1024, or the model's length), and each group's remainder is dropped. The bound is the reference's: one time per
 block, stratified ("antithetic") across each batch, t in [1e-3, 1], one time sample, nats summed over every token of
-every block, NELBO = sum / tokens, perplexity bound = exp(NELBO).
+every block, NELBO = sum / tokens, perplexity bound = exp(NELBO). A causal LM (the AR baseline) gets the exact NLL
+of the same blocks (`exact_nll` true; every token after BOS is predicted).
 
 A corpus that yields no block, or whose blocks cover less than `min_coverage` of its tokens (what the reference's
 per-group remainder dropping does to short corpora, duo#9's empty PTB at L = 1024), is a ValueError that names it.
@@ -243,7 +244,9 @@ def run_suite(model, tokenizer, *, corpora=DEFAULT_CORPORA, data_dir: str | None
                          "an eos (or sep) token")
     from .evaluation import announce_checkpoint
 
-    kind = announce_checkpoint(model, model_dir or type(model).__name__)
+    diffusion = hasattr(model, "nelbo_per_token")
+    kind = announce_checkpoint(model, model_dir or type(model).__name__) if diffusion else \
+        "causal LM (exact NLL, not a bound)"
     settings = {
         "suite": SUITE_NAME, "block_size": block_size, "insert_eos": insert_eos, "group_rows": group_rows,
         "framing": "[BOS] block [EOS]", "t_sampling": f"antithetic over each batch, t in [{eps:g}, 1]",
@@ -285,6 +288,7 @@ def run_suite(model, tokenizer, *, corpora=DEFAULT_CORPORA, data_dir: str | None
                      "blocks": len(blocks), "blocks_total": total_blocks,
                      "coverage": round(covered / stream_tokens, 4),
                      "tokens": result["tokens"], "nelbo": result["nelbo"], "ppl_bound": result["ppl_bound"],
+                     "exact_nll": result["exact_nll"],
                      "split_is_the_papers": split == corpus.split})
     return {"settings": settings, "rows": rows}
 
