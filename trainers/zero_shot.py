@@ -297,7 +297,8 @@ def format_table(report: dict) -> str:
     """The suite's result as a fixed-width text table."""
     lines = [f"{'corpus':<12} {'split':<10} {'blocks':>7} {'tokens':>9} {'nelbo':>8} {'ppl bound':>10}"]
     for row in report["rows"]:
-        note = "" if row["split_is_the_papers"] else "  (not the papers' split)"
+        note = "  (exact NLL)" if row.get("exact_nll") else ""
+        note += "" if row["split_is_the_papers"] else "  (not the papers' split)"
         if row["blocks"] < row["blocks_total"]:
             note += f"  (first {row['blocks']} of {row['blocks_total']} blocks)"
         ppl = row["ppl_bound"]
