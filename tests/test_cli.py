@@ -141,6 +141,10 @@ def test_train_ar_baseline_and_eval(tmp_path, text_file):
         (("push", "/nonexistent-dir", "me/repo"), "config.json is missing"),
         (("distill", "--teacher", "/nonexistent-teacher"), "nonexistent-teacher"),
         (("frobnicate",), "unknown command"),
+        # a name that is no folder, offline (run_dlm sets HF_HUB_OFFLINE=1): one line at once, no Hub retries
+        (("eval", "no_such_model"), "'no_such_model' is not a local folder, and HF_HUB_OFFLINE is set"),
+        (("generate", "no_such_model"), "'no_such_model' is not a local folder, and HF_HUB_OFFLINE is set"),
+        (("eval", "some_model", "--tokenizer", "gpt2"), "dlm eval always uses the checkpoint's own tokenizer"),
     ],
 )
 def test_bad_input_prints_one_line_and_exits_2(args, message):
@@ -148,6 +152,8 @@ def test_bad_input_prints_one_line_and_exits_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    if "no_such_model" in args:  # nothing but the error line: no retry warnings, no line printed twice
+        assert result.stderr.strip().splitlines() == [result.stderr.strip().splitlines()[-1]], result.stderr
 
 
 @pytest.mark.slow

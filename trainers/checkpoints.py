@@ -58,6 +58,12 @@ def build_model(variant: str, *, tokenizer=None, seq_len: int | None = None, see
     return model
 
 
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def load_config(path: str):
     """The config of checkpoint `path` (a folder, or a Hub repo id); OSError naming `path` if there is none."""
     from transformers import AutoConfig
@@ -67,6 +73,8 @@ def load_config(path: str):
     local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
     if not os.path.exists(path) and local:
         raise OSError(f"checkpoint folder not found: {path}")
+    if not os.path.exists(path) and _hub_offline():  # fail at once: no Hub lookup (and no retries) to wait for
+        raise OSError(f"{path!r} is not a local folder, and HF_HUB_OFFLINE is set, so it is not looked up on the Hub")
     if os.path.exists(path) and not os.path.isdir(path):
         raise OSError(f"{path} is not a checkpoint folder (it is a file)")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):

@@ -468,6 +468,9 @@ def cmd_eval(argv: list[str]) -> int:
     from trainers.data import load_eval_text, tokenize_for_eval
     from trainers.evaluation import evaluate_likelihood
 
+    if any(arg == "--tokenizer" or arg.startswith("--tokenizer=") for arg in argv):
+        raise ValueError("dlm eval always uses the checkpoint's own tokenizer (saved next to its weights), so it "
+                         "takes no --tokenizer; --tokenizer is for dlm train")
     parser = _hf_parser(EvalArguments, DataArguments)
     parser.prog = "dlm eval"
     eval_args, data_args = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
@@ -911,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # huggingface_hub prints through a handler of its own: propagating to ours as well printed each line twice
+    logging.getLogger("huggingface_hub").propagate = False
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
