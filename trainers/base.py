@@ -208,7 +208,7 @@ class DiffusionTrainer(Trainer):
         self._micro_step = 0
         self._last_step = -1
         self._eval_batches = 0
-        self._replicated_synced = -1  # the step whose replicated (FSDP-ignored) gradients were averaged
+        self._replicated_params: list[torch.nn.Parameter] | None = None  # FSDP2-ignored ones (trainable)
 
     def create_accelerator_and_postprocess(self):
         """accelerate (1.16) turns the Trainer's FSDP settings on only for accelerator device types (its MULTI_GPU,
@@ -372,15 +372,14 @@ class DiffusionTrainer(Trainer):
     def _average_replicated_gradients(self, model) -> None:
         """Under FSDP2: the gradients of the parameters that FSDP left whole (plain tensors among the DTensors,
         `fsdp_replicated_modules`) become their mean over the processes, in one collective (no host sync), once per
-        optimizer step and before clipping."""
+        optimizer step and before clipping: by `_clip_grad_norm`, or by `_get_grad_norm` when nothing was clipped."""
         if not self.is_fsdp_enabled or self.fsdp_replicated_modules is None or self.args.world_size < 2:
             return
-        if self._replicated_synced == self.state.global_step:
-            return
-        self._replicated_synced = self.state.global_step
-        from torch.distributed.tensor import DTensor
+        if self._replicated_params is None:  # found once, after wrapping: the plain tensors among the DTensors
+            from torch.distributed.tensor import DTensor
 
-        params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+            self._replicated_params = [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        params = self._replicated_params
         if not params:
             return
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]  # same layout on every rank
@@ -396,7 +395,8 @@ class DiffusionTrainer(Trainer):
         """The Trainer's gradient norm; with the "skip" guard also the step's verdict, on the device: a non-finite
         global norm (any non-finite gradient) or loss on any rank sets the optimizer's `found_inf`, and the fused
         kernel then leaves the weights, moments and step count as they were."""
-        self._average_replicated_gradients(model)
+        if grad_norm is None:  # no clipping this step (max_grad_norm 0): average here instead
+            self._average_replicated_gradients(model)
         grad_norm = super()._get_grad_norm(model, grad_norm)
         if self._guard_mode() != "skip" or not isinstance(grad_norm, torch.Tensor):
             return grad_norm

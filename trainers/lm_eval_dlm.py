@@ -50,27 +50,17 @@ logger = logging.getLogger(__name__)
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"
 
 
-def _flag(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "true", "yes"):
-        return True
-    if str(value).lower() in ("0", "false", "no"):
-        return False
-    raise ValueError(f"expected a boolean, got {value!r}")
-
-
 @register_model("dlm")
 class DiffusionLMEval(LM):
     """A dlm checkpoint (SDDLM, Duo, RePlaid, MDLM) as an lm-eval `LM` (see the module docstring).
 
     Model args: `pretrained` (folder or Hub id), `mc_num` (Monte Carlo time samples per request, default 32),
     `seed` (default 0), `max_length` (default: the model's `max_position_embeddings`), `device` (default: the
-    machine's accelerator, else the CPU), `batch_size` (prompts per `generate` call in `generate_until`),
-    `show_progress` (tqdm over requests, default on)."""
+    machine's accelerator, else the CPU), `show_progress` (tqdm over requests, default on). lm-eval always passes
+    `batch_size`; it is accepted and unused, since each request is one batch (its `mc_num` copies, or one prompt)."""
 
     def __init__(self, pretrained: str, mc_num: int = 32, seed: int = 0, max_length: int | None = None,
-                 device: str | None = None, batch_size: int | str = 1, show_progress: bool | str = True, **kwargs):
+                 device: str | None = None, batch_size: int | str = 1, show_progress: bool = True, **kwargs):
         super().__init__()
         from .checkpoints import load_model, load_tokenizer
         from .evaluation import announce_checkpoint
@@ -96,8 +86,7 @@ class DiffusionLMEval(LM):
         if self.max_length < 2 or (limit is not None and self.max_length > limit):
             raise ValueError(f"max_length must be in [2, {limit}] (the model's max_position_embeddings), got "
                              f"{max_length!r}")
-        self.batch_size_per_call = int(batch_size) if str(batch_size).isdigit() else 1
-        self.show_progress = _flag(show_progress)
+        self.show_progress = bool(show_progress)  # lm-eval's argument parsing turns "false" into False
         self.pretrained = str(pretrained)
         self.has_sampler_settings = _has_generation_config(self.pretrained)
         kind = announce_checkpoint(self.model, self.pretrained)

@@ -218,6 +218,7 @@ def run_suite(model, tokenizer, *, corpora=DEFAULT_CORPORA, data_dir: str | None
     """Score `model` on each corpus; returns {"settings": ..., "rows": [per-corpus results]}."""
     import datasets
 
+    from .data import _special_id
     from .evaluation import evaluate_likelihood
 
     unknown = [name for name in corpora if name not in CORPORA]
@@ -237,11 +238,7 @@ def run_suite(model, tokenizer, *, corpora=DEFAULT_CORPORA, data_dir: str | None
         raise ValueError(f"min_coverage must be in [0, 1], got {min_coverage!r}")
     if max_eval_samples is not None and max_eval_samples < 1:
         raise ValueError(f"max_eval_samples must be >= 1, got {max_eval_samples}")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    if bos is None or eos is None:
-        raise ValueError("the zero-shot suite frames blocks [BOS] ... [EOS]: the tokenizer needs a bos (or cls) and "
-                         "an eos (or sep) token")
+    bos, eos = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")  # the framing of `dlm eval`'s rows
     from .evaluation import announce_checkpoint
 
     diffusion = hasattr(model, "nelbo_per_token")
