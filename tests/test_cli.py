@@ -37,7 +37,7 @@ def text_file(tmp_path_factory):
     return path
 
 
-def test_console_script_and_help():
+def test_console_script_and_help(tmp_path):
     exe = shutil.which("dlm", path=os.path.dirname(sys.executable)) or shutil.which("dlm")
     assert exe, "the `dlm` console script is not installed (pip install -e .)"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
@@ -61,12 +61,47 @@ def test_console_script_and_help():
               "        c.main([name, '--help'])\n"
               "    except SystemExit as e:\n"
               "        assert e.code in (0, None), e.code\n")
-    out = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script, *flags], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DLM_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     sections = dict(part.split("\n", 1) for part in out.stdout.split("===== ")[1:])
     for command, expected in flags.items():
         for flag in expected:
             assert flag in sections[command], (command, flag)
+
+
+HEAVY = ("datasets", "accelerate", "peft", "matplotlib", "evaluate", "lm_eval", "deepspeed")
+
+
+def help_run(command: str, cache) -> tuple[str, list[str]]:
+    """`dlm COMMAND --help` in a fresh interpreter: (its help text, the heavy libraries it imported)."""
+    script = ("import sys\nfrom trainers.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
+              "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+              f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", script, *command.split()], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "DLM_CACHE": str(cache), "COLUMNS": "100"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = [row for row in out.stderr.splitlines() if row.startswith("HEAVY=")][-1]
+    return out.stdout, [m for m in line[len("HEAVY="):].split(",") if m]
+
+
+def test_help_imports_no_heavy_library_and_the_training_help_is_cached(tmp_path):
+    """`dlm --help` and the commands' --help load none of datasets/accelerate/peft/...; `dlm train --help` needs
+    TrainingArguments (which imports peft and accelerate) once, then prints the same text from $DLM_CACHE/help."""
+    for command in ("", "eval", "generate", "quickstart", "push", "convert"):
+        text, heavy = help_run(command, tmp_path)
+        assert heavy == [], (command, heavy)
+        assert "usage:" in text
+    for command in ("train", "distill"):
+        cold, heavy_cold = help_run(command, tmp_path)
+        warm, heavy_warm = help_run(command, tmp_path)
+        assert "peft" in heavy_cold and heavy_warm == [], (command, heavy_cold, heavy_warm)
+        assert warm == cold and "--max_steps" in warm and "--learning_rate" in warm
+    assert len(list((tmp_path / "help").glob("dlm-*.txt"))) == 2
+    # another terminal width is another text, built by the real parser again
+    wide = subprocess.run([sys.executable, "-m", "trainers.cli", "train", "--help"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DLM_CACHE": str(tmp_path), "COLUMNS": "200"})
+    assert wide.returncode == 0 and len(list((tmp_path / "help").glob("dlm-train-*.txt"))) == 2
 
 
 def test_train_eval_generate_roundtrip(tmp_path, text_file):

@@ -12,11 +12,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .variants import REGISTRY
 
 
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def dlm_cache_dir() -> Path:
+    """dlm's cache (the built-in tokenizer, cached help texts): `$DLM_CACHE`, else `~/.cache/dlm`."""
+    return Path(os.environ.get("DLM_CACHE") or Path.home() / ".cache" / "dlm")
 
 
 def model_config(variant: str, *, tokenizer=None, seq_len: int | None = None, **fields):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .checkpoints import build_model, load_config, load_model, load_tokenizer
+from .checkpoints import build_model, dlm_cache_dir, load_config, load_model, load_tokenizer
 from .variants import REGISTRY
 
 
@@ -199,12 +199,53 @@ def _load_tokenizer(name: str | None, variant: str):
     return prepare_tokenizer(tokenizer, need_pad=True, need_mask=REGISTRY[variant].needs_mask_token)
 
 
+def _wants_help(argv: list[str]) -> bool:
+    return any(arg in ("-h", "--help") for arg in argv)
+
+
+def _print_cached_help(prog: str, build_parser) -> None:
+    """`--help` of a command whose flags include `TrainingArguments`: importing `transformers.training_args` costs
+    about 5 s (it imports peft, accelerate and torch.distributed), so the text that the real parser formats is kept
+    under `$DLM_CACHE/help/` and printed from there by later calls. The key holds everything the text depends on: the
+    versions of Python and transformers, the terminal width, and the source of this file and of arguments.py."""
+    import hashlib
+    import shutil
+    from importlib import metadata
+
+    digest = hashlib.sha256()
+    for part in (sys.version, metadata.version("transformers"), str(shutil.get_terminal_size().columns), prog):
+        digest.update(part.encode() + b"\0")
+    for name in ("cli.py", "arguments.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    path = dlm_cache_dir() / "help" / f"{prog.replace(' ', '-')}-{digest.hexdigest()[:16]}.txt"
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = build_parser().format_help()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as err:  # a read-only home: the help still prints, only slower next time
+            logger.debug("help text not cached in %s: %s", path.parent, err)
+    sys.stdout.write(text)
+
+
 # ---- train ----------------------------------------------------------------------------------------------------------
-def cmd_train(argv: list[str]) -> int:
+def _train_parser():
     from trainers import DiffusionTrainingArguments
 
     parser = _hf_parser(ModelArguments, DataArguments, LoraArguments, DiffusionTrainingArguments)
     parser.prog = "dlm train"
+    return parser
+
+
+def cmd_train(argv: list[str]) -> int:
+    if _wants_help(argv):
+        _print_cached_help("dlm train", _train_parser)
+        return 0
+    parser = _train_parser()
     model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
     return train(model_args, data_args, training_args, lora_args)
 
@@ -465,9 +506,6 @@ def cmd_zero_shot(eval_args: EvalArguments, data_args: DataArguments) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    from trainers.data import load_eval_text, tokenize_for_eval
-    from trainers.evaluation import evaluate_likelihood
-
     if any(arg == "--tokenizer" or arg.startswith("--tokenizer=") for arg in argv):
         raise ValueError("dlm eval always uses the checkpoint's own tokenizer (saved next to its weights), so it "
                          "takes no --tokenizer; --tokenizer is for dlm train")
@@ -476,6 +514,9 @@ def cmd_eval(argv: list[str]) -> int:
     eval_args, data_args = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
     if eval_args.suite is not None:
         return cmd_zero_shot(eval_args, data_args)
+    from trainers.data import load_eval_text, tokenize_for_eval
+    from trainers.evaluation import evaluate_likelihood
+
     model = load_model(eval_args.model_dir, eval_args.device)
     tokenizer = load_tokenizer(eval_args.model_dir, model)
     kind = None
@@ -583,11 +624,11 @@ class GenerateArguments:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    import torch
-
     parser = _hf_parser(GenerateArguments)
     parser.prog = "dlm generate"
     (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir",)))
+    import torch
+
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.num_steps is not None and args.num_steps < 1:
@@ -652,13 +693,13 @@ class PushArguments:
 def cmd_push(argv: list[str]) -> int:
     """Push a checkpoint as one commit: safetensors weights, config + code for trust_remote_code, generation config,
     tokenizer and a model card; never optimizer state, training args, pickles or credentials (trainers/hub.py)."""
-    from trainers.hub import push_checkpoint
-
     parser = _hf_parser(PushArguments)
     parser.prog = "dlm push"
     for name in ("httpx", "httpx2"):  # one INFO line per HTTP request otherwise
         logging.getLogger(name).setLevel(logging.WARNING)
     (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("model_dir", "repo_id")))
+    from trainers.hub import push_checkpoint
+
     if args.card_template is not None and not Path(args.card_template).is_file():
         raise OSError(f"--card_template file not found: {args.card_template}")
     for path in args.eval_json:
@@ -725,6 +766,9 @@ def _converted_tokenizer(name: str, fmt: str, vocab_size: int):
 
 def cmd_convert(argv: list[str]) -> int:
     """Convert the authors' released MDLM / Duo / Duo-distilled weights into a dlm checkpoint folder."""
+    parser = _hf_parser(ConvertArguments)
+    parser.prog = "dlm convert"
+    (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("src", "output_dir")))
     import torch
     from transformers import AutoModel
 
@@ -732,9 +776,6 @@ def cmd_convert(argv: list[str]) -> int:
 
     from .convert import from_reference
 
-    parser = _hf_parser(ConvertArguments)
-    parser.prog = "dlm convert"
-    (args,) = parser.parse_args_into_dataclasses(_positionals(argv, ("src", "output_dir")))
     classes = {"duo": DuoForDiffusionLM, "mdlm": MDLMForDiffusionLM}
     if args.source_format not in classes:
         raise ValueError(f"--from must be one of {tuple(classes)}, got {args.source_format!r}")
@@ -783,11 +824,21 @@ class DistillArguments:
     teacher: str = field(metadata={"help": "Trained Duo checkpoint; the student starts from it."})
 
 
-def cmd_distill(argv: list[str]) -> int:
-    from trainers import DiffusionTrainingArguments, DuoDistillationTrainer
+def _distill_parser():
+    from trainers import DiffusionTrainingArguments
 
     parser = _hf_parser(DistillArguments, DataArguments, DiffusionTrainingArguments)
     parser.prog = "dlm distill"
+    return parser
+
+
+def cmd_distill(argv: list[str]) -> int:
+    if _wants_help(argv):
+        _print_cached_help("dlm distill", _distill_parser)
+        return 0
+    from trainers import DuoDistillationTrainer
+
+    parser = _distill_parser()
     distill_args, data_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
     student = load_model(distill_args.teacher, "cpu")
     if student.config.model_type != "duo":
@@ -827,15 +878,15 @@ class QuickstartArguments:
 
 
 def cmd_quickstart(argv: list[str]) -> int:
+    parser = _hf_parser(QuickstartArguments)
+    parser.prog = "dlm quickstart"
+    (args,) = parser.parse_args_into_dataclasses(argv)
     import torch
     from transformers import AutoModel
 
     from trainers import DiffusionTrainingArguments, DuoTrainer
     from trainers.data import build_datasets, builtin_tokenizer, prepare_tokenizer
 
-    parser = _hf_parser(QuickstartArguments)
-    parser.prog = "dlm quickstart"
-    (args,) = parser.parse_args_into_dataclasses(argv)
     start = time.time()
     logger.info("1/5 built-in corpus and tokenizer (offline)")
     tokenizer = prepare_tokenizer(builtin_tokenizer())

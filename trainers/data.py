@@ -31,6 +31,8 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .checkpoints import dlm_cache_dir
+
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +233,6 @@ def _corpus_fingerprint(texts: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _default_cache_dir() -> Path:
-    return Path(os.environ.get("DLM_CACHE") or Path.home() / ".cache" / "dlm")
-
-
 def _train_builtin_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a GPT-2 style byte-level BPE (no normalizer, exact round trip) on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -272,7 +270,7 @@ def builtin_tokenizer(vocab_size: int = 4096, cache_dir: str | os.PathLike | Non
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE (need at least 260)")
     train_texts = list(builtin_corpus()["train"]["text"])
     key = f"builtin-bpe-{_TOKENIZER_FORMAT}-{vocab_size}-{_corpus_fingerprint(train_texts)}"
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else dlm_cache_dir()
     target = root / "tokenizers" / key
     if (target / "tokenizer.json").is_file():
         logger.debug("Loading builtin tokenizer from %s", target)
