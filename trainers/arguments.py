@@ -5,9 +5,16 @@ Every field is a `dlm train` flag (the CLI is built on `HfArgumentParser`).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.current_accelerator() is not None
 
 
 @dataclass
@@ -151,6 +158,12 @@ class DiffusionTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if not _has_accelerator():
+            # pinned host memory only speeds up copies to an accelerator: without one, torch's DataLoader warns
+            # about it on every epoch; and DeepSpeed (imported by accelerate when installed) warns that it "was
+            # unable to detect" one before it settles on the CPU, which is what it is told here
+            self.dataloader_pin_memory = False
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         if self.nan_guard_policy not in ("skip", "stop"):
             raise ValueError(f"nan_guard_policy must be 'skip' or 'stop', got {self.nan_guard_policy!r}")
         for name in ("sampling_eps", "ema_decay", "output_prior_warmup_ratio", "curriculum_tau", "distill_gamma_min",

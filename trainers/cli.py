@@ -30,12 +30,18 @@ SIZES = ("tiny", "small", "medium")
 # ---- argument groups ------------------------------------------------------------------------------------------------
 @dataclass
 class ModelArguments:
-    variant: str = field(default="duo", metadata={"help": f"Model family, one of {VARIANT_NAMES}."})
+    variant: str | None = field(
+        default=None, metadata={"help": f"Model family, one of {VARIANT_NAMES} (default: duo; with --init_from, the "
+                                        "checkpoint's)."})
     size: str | None = field(default=None, metadata={"help": f"Preset from hub_configs/, one of {SIZES}."})
     config: str | None = field(default=None, metadata={"help": "A config JSON file (overrides --size)."})
     tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer name or folder; default: dlm's built-in offline BPE tokenizer."}
-    )
+        default=None,
+        metadata={"help": "Tokenizer name or folder; 'train': a byte-level BPE trained on --dataset's train split "
+                          "(--tokenizer_vocab_size; cached, saved with the model); 'builtin': dlm's offline BPE of "
+                          "Python's documentation. Default: 'builtin' for --dataset builtin, the checkpoint's own "
+                          "with --init_from; any other dataset requires it."})
+    tokenizer_vocab_size: int = field(default=8192, metadata={"help": "--tokenizer train: the BPE's vocabulary."})
     init_from: str | None = field(default=None, metadata={"help": "Start from the weights of a saved checkpoint."})
 
 
@@ -190,7 +196,7 @@ def _load_config_dict(model_args: ModelArguments) -> dict:
 def _load_tokenizer(name: str | None, variant: str):
     from trainers.data import builtin_tokenizer, prepare_tokenizer
 
-    if name is None:
+    if name is None or name == "builtin":
         tokenizer = builtin_tokenizer()
     else:
         from transformers import AutoTokenizer
@@ -232,6 +238,127 @@ def _print_cached_help(prog: str, build_parser) -> None:
     sys.stdout.write(text)
 
 
+# ---- resolved settings ----------------------------------------------------------------------------------------------
+#: from-scratch optimisation of the MDLM/Duo/UDLM papers (methods.md B.3.4): AdamW 3e-4, constant after a warm-up of
+#: 2,500 steps (of 1M; here at most a tenth of the run)
+SCRATCH_LR, SCRATCH_SCHEDULE, SCRATCH_WARMUP = 3e-4, "constant_with_warmup", 2500
+#: Discrete Consistency Distillation (distil_owt.sh): 6e-5, constant after 500 warm-up steps
+DISTILL_LR, DISTILL_WARMUP = 6e-5, 500
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    """The dataclass fields named on the command line (`--learning_rate 1e-3`, `--learning-rate=1e-3`)."""
+    return {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+
+
+def _warmup_for(training_args, cap: int) -> float:
+    """`cap` warm-up steps, or a tenth of a shorter run (a float < 1 is transformers' fraction of the run)."""
+    if training_args.max_steps > 0:
+        return min(cap, max(1, math.ceil(training_args.max_steps / 10)))
+    return 0.1
+
+
+def _resolve_schedule(training_args, given: set[str], *, lr: float, schedule: str, warmup_cap: int,
+                      source: str) -> list[tuple[str, object, str]]:
+    """Set the learning rate, its schedule and the warm-up that were not given; the rows say where each came from."""
+    from transformers.trainer_utils import SchedulerType
+
+    rows = []
+    if "learning_rate" not in given:
+        training_args.learning_rate = lr
+    rows.append(("learning rate", training_args.learning_rate, "given" if "learning_rate" in given else source))
+    if "lr_scheduler_type" not in given:
+        training_args.lr_scheduler_type = SchedulerType(schedule)
+    rows.append(("lr schedule", SchedulerType(training_args.lr_scheduler_type).value,
+                 "given" if "lr_scheduler_type" in given else "default"))
+    if "warmup_steps" not in given:
+        training_args.warmup_steps = _warmup_for(training_args, warmup_cap)
+    warmup = training_args.warmup_steps
+    rows.append(("warm-up", f"{warmup:.0%} of the run" if 0 < warmup < 1 else
+                 f"{int(warmup)} step{'s' if int(warmup) != 1 else ''}",
+                 "given" if "warmup_steps" in given else f"default: {warmup_cap} steps, at most a tenth of the run"))
+    return rows
+
+
+def _log_settings(rows: list[tuple[str, object, str]], training_args) -> None:
+    """The resolved choices, one per line, before anything is built (rank 0 only)."""
+    if training_args.process_index != 0:
+        return
+    logger.info("settings (where each comes from in brackets):")
+    for name, value, source in rows:
+        logger.info("  %-14s %s  [%s]", name, value, source)
+
+
+def _resolve_train(model_args: ModelArguments, data_args: DataArguments, training_args,
+                   given: set[str] | None) -> list[tuple[str, object, str]]:
+    """Fill what the command line left open, so that `dlm train` trains: the variant and the tokenizer (from
+    --init_from's checkpoint, else duo and, for --dataset builtin only, the built-in BPE), the optimisation (from
+    scratch: the papers' 3e-4, constant after a warm-up; with --init_from: the checkpoint's recorded settings) and,
+    with --init_from, its sequence length. `given=None` (a call from Python) changes nothing but the variant."""
+    from trainers.model_card import TRAINING_RECORD
+
+    record, config = {}, None
+    if model_args.init_from:
+        config = load_config(model_args.init_from)
+        path = Path(model_args.init_from) / TRAINING_RECORD
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON: {err}") from None
+    checkpoint = f"--init_from {model_args.init_from}"
+    rows = []
+    if model_args.variant is None:
+        model_args.variant = ("ar" if config.model_type == "llama" else config.model_type) if config else "duo"
+        rows.append(("variant", model_args.variant, "from " + checkpoint if config else "default"))
+    else:
+        rows.append(("variant", model_args.variant, "given"))
+    if config is not None:
+        rows.append(("model", f"{checkpoint} ({config.model_type}, vocab {config.vocab_size})", "given"))
+    else:
+        rows.append(("model", model_args.config or f"hub_configs size {model_args.size or 'tiny'}",
+                     "given" if model_args.config or model_args.size else "default"))
+    if given is None:
+        return rows
+    if model_args.tokenizer is not None:
+        rows.append(("tokenizer", model_args.tokenizer, "given"))
+    elif config is not None:
+        model_args.tokenizer = model_args.init_from
+        rows.append(("tokenizer", model_args.init_from, "the checkpoint's own"))
+    elif data_args.dataset == "builtin":
+        model_args.tokenizer = "builtin"
+        rows.append(("tokenizer", "builtin (dlm's BPE of the built-in corpus)", "default for --dataset builtin"))
+    else:
+        raise ValueError(f"--dataset {data_args.dataset} needs --tokenizer: a tokenizer name or folder (e.g. gpt2), "
+                         "'train' to train a byte-level BPE on this dataset, or 'builtin' for dlm's BPE, which was "
+                         "trained on Python's documentation")
+    rows.append(("dataset", f"{data_args.dataset} (--task {data_args.task})", "given" if "dataset" in given
+                 else "default"))
+    for key in ("seq_len", "mode"):
+        if key not in given and key in record:
+            setattr(data_args, key, record[key])
+            rows.append((key.replace("_", " "), record[key], "from " + checkpoint))
+        else:
+            rows.append((key.replace("_", " "), getattr(data_args, key), "given" if key in given else "default"))
+    if config is not None and record.get("learning_rate") is not None:
+        rows += _resolve_schedule(training_args, given, lr=record["learning_rate"],
+                                  schedule=record.get("lr_scheduler_type", SCRATCH_SCHEDULE),
+                                  warmup_cap=SCRATCH_WARMUP, source=f"from {checkpoint}/{TRAINING_RECORD}")
+    else:
+        source = "default for training from scratch (MDLM/Duo/UDLM: AdamW 3e-4, constant after warm-up)"
+        if config is not None:
+            source = f"no {TRAINING_RECORD} in --init_from: the papers' 3e-4"
+        rows += _resolve_schedule(training_args, given, lr=SCRATCH_LR, schedule=SCRATCH_SCHEDULE,
+                                  warmup_cap=SCRATCH_WARMUP, source=source)
+    steps = training_args.max_steps if training_args.max_steps > 0 else f"{training_args.num_train_epochs} epochs"
+    rows.append(("steps", steps, "given" if {"max_steps", "num_train_epochs"} & given else "default"))
+    rows.append(("EMA decay", getattr(training_args, "ema_decay", 0.0) or "off",
+                 "given" if "ema_decay" in given else "default"))
+    rows.append(("seed", training_args.seed, "given" if "seed" in given else "default"))
+    rows.append(("output dir", training_args.output_dir, "given" if "output_dir" in given else "default"))
+    return rows
+
+
 # ---- train ----------------------------------------------------------------------------------------------------------
 def _train_parser():
     from trainers import DiffusionTrainingArguments
@@ -247,7 +374,7 @@ def cmd_train(argv: list[str]) -> int:
         return 0
     parser = _train_parser()
     model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
-    return train(model_args, data_args, training_args, lora_args)
+    return train(model_args, data_args, training_args, lora_args, given=_given_flags(argv))
 
 
 def _check_lora_args(lora_args: LoraArguments | None, variant: str, model_args: ModelArguments, training_args) -> bool:
@@ -292,6 +419,9 @@ def _record_run(trainer, training_args, data_args, **fields) -> None:
         write_training_record(training_args.output_dir, dataset=data_args.dataset,
                               dataset_config=data_args.dataset_config, seq_len=data_args.seq_len, mode=data_args.mode,
                               learning_rate=training_args.learning_rate,
+                              lr_scheduler_type=getattr(training_args.lr_scheduler_type, "value",
+                                                        training_args.lr_scheduler_type),
+                              warmup_steps=training_args.warmup_steps,
                               ema_decay=getattr(training_args, "ema_decay", None) or None,
                               max_steps=trainer.state.global_step, **fields)
 
@@ -355,18 +485,42 @@ def _prepare_for_task(model, data_args: DataArguments) -> None:
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args,
-          lora_args: LoraArguments | None = None) -> int:
+          lora_args: LoraArguments | None = None, given: set[str] | None = None) -> int:
+    """`dlm train`. `given`: the flags named on the command line; those left out get the defaults that
+    `_resolve_train` prints (None: a call from Python, which keeps every value it passes)."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     from trainers import TRAINERS
+    from trainers.data import check_dataset_source
 
+    if model_args.variant is not None and model_args.variant not in VARIANT_NAMES:
+        raise ValueError(f"--variant must be one of {VARIANT_NAMES}, got {model_args.variant!r}")
+    check_dataset_source(data_args.dataset)  # a missing file fails before anything is built
+    _check_task(data_args)
+    _check_lora_args(lora_args, model_args.variant, model_args, training_args)  # before a tokenizer is demanded
+    settings = _resolve_train(model_args, data_args, training_args, given)
     variant = model_args.variant
     if variant not in VARIANT_NAMES:
-        raise ValueError(f"--variant must be one of {VARIANT_NAMES}, got {variant!r}")
+        raise ValueError(f"--init_from {model_args.init_from} holds a {variant!r} model, not one of {VARIANT_NAMES}")
     use_lora = _check_lora_args(lora_args, variant, model_args, training_args)
     body = None if model_args.init_from else _load_config_dict(model_args)  # a bad --size/--config fails first
+    if given is not None:
+        _log_settings(settings, training_args)
     set_seed(training_args.seed)  # the same --seed gives the same initial weights, and so the same run
-    tokenizer = _load_tokenizer(model_args.tokenizer, variant)
+    if model_args.tokenizer == "train":
+        from trainers.data import dataset_tokenizer, prepare_tokenizer
+
+        if data_args.streaming:
+            raise ValueError("--tokenizer train reads the whole train split; drop --streaming or pass a tokenizer")
+        tokenizer = prepare_tokenizer(dataset_tokenizer(data_args.dataset, data_args.dataset_config,
+                                                        vocab_size=model_args.tokenizer_vocab_size,
+                                                        text_column=data_args.text_column,
+                                                        sft=data_args.task == "sft"),
+                                      need_pad=True, need_mask=REGISTRY[variant].needs_mask_token)
+        logger.info("trained a byte-level BPE tokenizer of %d tokens on %s (saved with the model)", len(tokenizer),
+                    data_args.dataset)
+    else:
+        tokenizer = _load_tokenizer(model_args.tokenizer, variant)
     if model_args.init_from:  # check the checkpoint against --variant and the tokenizer before loading any data
         config = load_config(model_args.init_from)
         expected = "llama" if variant == "ar" else variant
@@ -376,7 +530,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
         if config.vocab_size != len(tokenizer):
             raise ValueError(f"--init_from {model_args.init_from} has vocab_size {config.vocab_size} but the "
                              f"tokenizer has {len(tokenizer)} tokens")
-    _check_task(data_args)
     if data_args.task == "sft" and variant == "ar":
         raise ValueError("--task sft is for the diffusion variants (the AR baseline trains on whole texts here)")
     train_ds, eval_ds = _datasets(data_args, tokenizer)
@@ -415,6 +568,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
         return 130  # interrupted: a complete checkpoint was saved
     trainer.save_model(training_args.output_dir)
     _record_run(trainer, training_args, data_args, variant=variant, tokenizer=model_args.tokenizer or "builtin",
+                tokenizer_vocab_size=model_args.tokenizer_vocab_size if model_args.tokenizer == "train" else None,
                 size=model_args.size, init_from=model_args.init_from)
     metrics = trainer.evaluate() if eval_ds is not None else {}
     if trainer.is_world_process_zero():
@@ -840,6 +994,16 @@ def cmd_distill(argv: list[str]) -> int:
 
     parser = _distill_parser()
     distill_args, data_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
+    from trainers.data import check_dataset_source
+
+    check_dataset_source(data_args.dataset)
+    given = _given_flags(argv)
+    rows = [("teacher", distill_args.teacher, "given"), ("dataset", data_args.dataset,
+                                                       "given" if "dataset" in given else "default")]
+    rows += _resolve_schedule(training_args, given, lr=DISTILL_LR, schedule="constant_with_warmup",
+                              warmup_cap=DISTILL_WARMUP,
+                              source="default for DCD (distil_owt.sh: 6e-5, constant after warm-up)")
+    _log_settings(rows, training_args)
     student = load_model(distill_args.teacher, "cpu")
     if student.config.model_type != "duo":
         raise ValueError(f"--teacher must be a Duo checkpoint, got model_type {student.config.model_type!r}")
@@ -902,7 +1066,7 @@ def cmd_quickstart(argv: list[str]) -> int:
         per_device_eval_batch_size=64, learning_rate=2e-3, warmup_steps=min(50, args.max_steps // 10),
         lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, args.max_steps // 10),
         eval_strategy="no", save_strategy="no", report_to=[], seed=args.seed, ema_decay=0.99,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        use_cpu=_no_accelerator(), dataloader_num_workers=0,
     )
     trainer = DuoTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)

@@ -266,18 +266,46 @@ def builtin_tokenizer(vocab_size: int = 4096, cache_dir: str | os.PathLike | Non
     round-trip exactly. The tokenizer is saved under ``cache_dir`` (default ``$DLM_CACHE`` or ``~/.cache/dlm``),
     keyed by ``vocab_size`` and a fingerprint of the corpus, and later calls load it from there.
     """
+    return _cached_bpe(list(builtin_corpus()["train"]["text"]), vocab_size, "builtin", cache_dir)
+
+
+def dataset_tokenizer(name_or_path: str, config_name: str | None = None, *, vocab_size: int = 8192,
+                      text_column: str = "text", sft: bool = False,
+                      cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer like ``builtin_tokenizer``'s, trained on the train split of ``name_or_path`` (its
+    ``text_column``; with ``sft``, the prompts and responses), cached under the same key scheme (`dlm train
+    --tokenizer train`)."""
+    if sft:
+        train = load_sft_dataset(name_or_path, config_name)["train"]
+        if sft_columns(train.column_names, name_or_path) == "messages":
+            texts = ["\n".join(str(turn.get("content", "")) for turn in row if isinstance(turn, dict))
+                     for row in train["messages"] if isinstance(row, list)]
+        else:
+            texts = [f"{p}\n{r}" for p, r in zip(train["prompt"], train["response"])
+                     if isinstance(p, str) and isinstance(r, str)]
+    else:
+        train = load_text_dataset(name_or_path, config_name, text_column=text_column)["train"]
+        texts = [text for text in train[text_column] if isinstance(text, str) and text.strip()]
+    if not texts:
+        raise ValueError(f"dataset {name_or_path!r} has no text to train a tokenizer on")
+    return _cached_bpe(texts, vocab_size, "dataset", cache_dir)
+
+
+def _cached_bpe(texts: list[str], vocab_size: int, label: str,
+                cache_dir: str | os.PathLike | None) -> PreTrainedTokenizerFast:
+    """``_train_builtin_bpe(texts, vocab_size)``, saved under the cache keyed by the texts' fingerprint."""
     if vocab_size < 256 + 3 + 1:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-level BPE (need at least 260)")
-    train_texts = list(builtin_corpus()["train"]["text"])
-    key = f"builtin-bpe-{_TOKENIZER_FORMAT}-{vocab_size}-{_corpus_fingerprint(train_texts)}"
+    key = f"{label}-bpe-{_TOKENIZER_FORMAT}-{vocab_size}-{_corpus_fingerprint(texts)}"
     root = Path(cache_dir) if cache_dir is not None else dlm_cache_dir()
     target = root / "tokenizers" / key
     if (target / "tokenizer.json").is_file():
-        logger.debug("Loading builtin tokenizer from %s", target)
+        logger.debug("Loading the %s tokenizer from %s", label, target)
         return PreTrainedTokenizerFast.from_pretrained(str(target))
 
-    logger.info("Training builtin byte-level BPE tokenizer (vocab_size=%d) into %s", vocab_size, target)
-    tokenizer = _train_builtin_bpe(train_texts, vocab_size)
+    logger.info("Training a byte-level BPE tokenizer (vocab_size=%d) on %d %s documents into %s", vocab_size,
+                len(texts), label, target)
+    tokenizer = _train_builtin_bpe(texts, vocab_size)
     # Save into a temporary folder, then rename: concurrent callers never see a half-written tokenizer.
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
@@ -348,6 +376,21 @@ def prepare_tokenizer(
 
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix.lower() in _BUILDERS
+
+
+def check_dataset_source(name_or_path: str) -> None:
+    """Fail at once (before any tokenizer or model is built) when `name_or_path` names a local file or folder that
+    does not exist: a path-like name (absolute, ./ ../ ~, a data-file suffix, or more than one '/'), or one that
+    ends in '/'. Hub dataset ids ("name" or "org/name") are left to `datasets`."""
+    if name_or_path == BUILTIN_DATASET:
+        return
+    if not name_or_path.strip():
+        raise ValueError("--dataset is empty")
+    path = Path(name_or_path).expanduser()
+    pathlike = _looks_like_path(name_or_path) or name_or_path.rstrip("/").count("/") > 1 or \
+        name_or_path.endswith(("/", os.sep))
+    if pathlike and not path.exists():
+        raise ValueError(f"Local dataset path {name_or_path!r} does not exist")
 
 
 def _file_split(path: Path) -> str | None:
@@ -435,9 +478,8 @@ def _load_raw(name_or_path: str, config_name: str | None = None, *, streaming: b
             builder, data_files = _local_data_files(path)
             logger.info("Loading %s files from %s: %s", builder, path, {k: len(v) for k, v in data_files.items()})
             raw = datasets.load_dataset(builder, data_files=data_files, streaming=streaming)
-        elif _looks_like_path(name_or_path):
-            raise ValueError(f"Local dataset path {name_or_path!r} does not exist")
         else:
+            check_dataset_source(name_or_path)
             raw = datasets.load_dataset(name_or_path, config_name, streaming=streaming)
         if not isinstance(raw, (datasets.DatasetDict, datasets.IterableDatasetDict)):
             raw = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)({"train": raw})
