@@ -14,6 +14,8 @@ the checkpoint's metadata, so a resumed run continues the same warm-up.
 `InterruptCallback` turns the first Ctrl-C (SIGINT) into a clean stop: the current optimizer step finishes, a complete
 checkpoint is saved, and training ends; a second Ctrl-C aborts at once.
 
+`ETACallback` logs, a few steps in, how long the rest of the run should take on this machine.
+
 `NonFiniteGuardCallback` stops training before an optimizer step whose gradients hold NaN or inf, so no NaN weights are
 ever written (the loss itself is checked in `DiffusionTrainer.compute_loss`). It reads the gradients on the host at
 every step; `DiffusionTrainer`'s default guard (`nan_guard_policy="skip"`) skips such a step on the device instead.
@@ -212,3 +214,51 @@ class InterruptCallback(TrainerCallback):
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
+
+
+class ETACallback(TrainerCallback):
+    """One log line early in training: how long the rest of the run should take on this machine, measured over steps
+    2 to `probe_steps + 1` (the first step pays for warm-up), plus `hint`: a string, or a function of the measured
+    seconds per step that returns one (e.g. how long a shorter run would take). Only the host clock is read: no
+    device sync.
+
+    `extra_seconds`: time the caller will spend after training (evaluation, sampling), added to the estimate.
+    """
+
+    def __init__(self, probe_steps: int = 4, hint: str = "", extra_seconds: float = 0.0):
+        if probe_steps < 1:
+            raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
+        self.probe_steps, self.hint, self.extra_seconds = probe_steps, hint, extra_seconds
+        self._start: float | None = None
+        self._first_step: int | None = None
+        self.estimate: float | None = None  # seconds left when the line was logged
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        if self.estimate is not None or not state.is_world_process_zero:
+            return
+        if self._start is None:  # the end of the first step seen (a resumed run starts later than step 1)
+            self._start, self._first_step = time.perf_counter(), state.global_step
+            return
+        done = state.global_step - self._first_step
+        if done < self.probe_steps and state.global_step < state.max_steps:
+            return
+        per_step = (time.perf_counter() - self._start) / done
+        self.estimate = per_step * (state.max_steps - state.global_step) + self.extra_seconds
+        hint = self.hint(per_step) if callable(self.hint) else self.hint
+        logger.info("%.2f s per step here: the remaining %d steps%s take about %s%s", per_step,
+                    state.max_steps - state.global_step, " and the final evaluation" if self.extra_seconds else "",
+                    duration(self.estimate), f". {hint}" if hint else "")
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '1 h 26 min'."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

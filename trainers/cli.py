@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -1049,7 +1050,8 @@ def cmd_quickstart(argv: list[str]) -> int:
     from transformers import AutoModel
 
     from trainers import DiffusionTrainingArguments, DuoTrainer
-    from trainers.data import build_datasets, builtin_tokenizer, prepare_tokenizer
+    from trainers.callbacks import ETACallback, duration
+    from trainers.data import build_datasets, builtin_corpus_fingerprint, builtin_tokenizer, prepare_tokenizer
 
     start = time.time()
     logger.info("1/5 built-in corpus and tokenizer (offline)")
@@ -1057,6 +1059,9 @@ def cmd_quickstart(argv: list[str]) -> int:
     train_ds, eval_ds = build_datasets("builtin", tokenizer, args.seq_len, "wrap")
     logger.info("    %d training and %d validation blocks of %d tokens, vocabulary %d", len(train_ds), len(eval_ds),
                 args.seq_len, len(tokenizer))
+    corpus = builtin_corpus_fingerprint()
+    logger.info("    (the corpus comes from Python %s's standard library: fingerprint %s)", platform.python_version(),
+                corpus)
     logger.info("2/5 a tiny Duo model")
     body = _load_config_dict(ModelArguments(variant="duo", size="tiny"))
     model = build_model("duo", tokenizer=tokenizer, seq_len=args.seq_len, seed=args.seed, **body)
@@ -1070,10 +1075,21 @@ def cmd_quickstart(argv: list[str]) -> int:
     )
     trainer = DuoTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
+    eval_start = time.perf_counter()
     before = trainer.evaluate()["eval_nelbo"]
+    eval_seconds = time.perf_counter() - eval_start
     logger.info("3/5 training %d steps (validation bound before: %.3f nats/token, log V = %.3f)", args.max_steps,
                 before, math.log(len(tokenizer)))
     hint = "dlm " + " ".join(["quickstart", *[a for a in argv if a != "--resume"], "--resume"])
+    shorter = max(10, args.max_steps // 5)
+
+    def eta_hint(per_step: float) -> str:
+        if args.max_steps <= shorter:
+            return "Ctrl-C saves a checkpoint; `dlm quickstart --resume` continues it"
+        return (f"--max_steps {shorter} would take about {duration(per_step * shorter + 2 * eval_seconds)}; Ctrl-C "
+                f"saves a checkpoint and `dlm quickstart --resume` continues it")
+
+    trainer.add_callback(ETACallback(hint=eta_hint, extra_seconds=2 * eval_seconds))  # + evaluation and sampling
     if _run_training(trainer, training_args, resume=True if args.resume else None, resume_hint=hint):
         return 130  # interrupted: a complete checkpoint was saved
     metrics = trainer.evaluate()
@@ -1090,7 +1106,8 @@ def cmd_quickstart(argv: list[str]) -> int:
         print(f"--- sample {i}\n{tokenizer.decode(row, skip_special_tokens=True).strip()}")
     summary = {"nelbo_before": round(before, 4), "nelbo": round(metrics["eval_nelbo"], 4),
                "ppl_bound": round(metrics["eval_ppl_bound"], 2), "log_vocab": round(math.log(len(tokenizer)), 4),
-               "output_dir": args.output_dir, "seconds": round(time.time() - start, 1)}
+               "output_dir": args.output_dir, "python": platform.python_version(), "corpus": corpus,
+               "seconds": round(time.time() - start, 1)}
     print(json.dumps(summary))
     return 0
 

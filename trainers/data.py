@@ -269,6 +269,12 @@ def builtin_tokenizer(vocab_size: int = 4096, cache_dir: str | os.PathLike | Non
     return _cached_bpe(list(builtin_corpus()["train"]["text"]), vocab_size, "builtin", cache_dir)
 
 
+def builtin_corpus_fingerprint() -> str:
+    """The content hash of the builtin corpus's train split. The corpus is read from the running Python's standard
+    library, so another Python version gives another corpus, tokenizer and numbers (the quickstart logs it)."""
+    return _corpus_fingerprint(list(builtin_corpus()["train"]["text"]))
+
+
 def dataset_tokenizer(name_or_path: str, config_name: str | None = None, *, vocab_size: int = 8192,
                       text_column: str = "text", sft: bool = False,
                       cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
