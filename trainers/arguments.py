@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.accelerator.current_accelerator() is not None
+from .checkpoints import has_accelerator
 
 
 @dataclass
@@ -158,7 +154,7 @@ class DiffusionTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not _has_accelerator():
+        if not has_accelerator():
             # pinned host memory only speeds up copies to an accelerator: without one, torch's DataLoader warns
             # about it on every epoch; and DeepSpeed (imported by accelerate when installed) warns that it "was
             # unable to detect" one before it settles on the CPU, which is what it is told here

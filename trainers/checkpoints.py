@@ -20,6 +20,16 @@ from .variants import REGISTRY
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
+def has_accelerator() -> bool:
+    """Whether torch sees CUDA or another accelerator on this machine."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def dlm_cache_dir() -> Path:
     """dlm's cache (the built-in tokenizer, cached help texts): `$DLM_CACHE`, else `~/.cache/dlm`."""
     return Path(os.environ.get("DLM_CACHE") or Path.home() / ".cache" / "dlm")

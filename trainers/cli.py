@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .checkpoints import build_model, dlm_cache_dir, load_config, load_model, load_tokenizer
+from .checkpoints import build_model, dlm_cache_dir, has_accelerator, load_config, load_model, load_tokenizer
 from .variants import REGISTRY
 
 
@@ -145,20 +145,11 @@ def _hf_parser(*dataclass_types):
     return OneLineErrorParser(dataclass_types)
 
 
-def _no_accelerator() -> bool:
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and hasattr(accelerator, "is_available"):
-        return not accelerator.is_available()
-    return not torch.cuda.is_available()
-
-
 def _default_to_cpu(argv: list[str]) -> list[str]:
     """Without CUDA or another accelerator, `--use_cpu true` unless the flag is given (otherwise every rank of a
     `torchrun` launch on CPU would train alone instead of joining one gloo process group)."""
     given = any(a.split("=", 1)[0] in ("--use_cpu", "--use-cpu") for a in argv)
-    return argv if given or not _no_accelerator() else [*argv, "--use_cpu", "true"]
+    return argv if given or has_accelerator() else [*argv, "--use_cpu", "true"]
 
 
 def _hub_config_path(variant: str, size: str) -> Path:
@@ -204,10 +195,6 @@ def _load_tokenizer(name: str | None, variant: str):
 
         tokenizer = AutoTokenizer.from_pretrained(name)
     return prepare_tokenizer(tokenizer, need_pad=True, need_mask=REGISTRY[variant].needs_mask_token)
-
-
-def _wants_help(argv: list[str]) -> bool:
-    return any(arg in ("-h", "--help") for arg in argv)
 
 
 def _print_cached_help(prog: str, build_parser) -> None:
@@ -264,21 +251,22 @@ def _resolve_schedule(training_args, given: set[str], *, lr: float, schedule: st
     """Set the learning rate, its schedule and the warm-up that were not given; the rows say where each came from."""
     from transformers.trainer_utils import SchedulerType
 
-    rows = []
-    if "learning_rate" not in given:
-        training_args.learning_rate = lr
-    rows.append(("learning rate", training_args.learning_rate, "given" if "learning_rate" in given else source))
-    if "lr_scheduler_type" not in given:
-        training_args.lr_scheduler_type = SchedulerType(schedule)
-    rows.append(("lr schedule", SchedulerType(training_args.lr_scheduler_type).value,
-                 "given" if "lr_scheduler_type" in given else "default"))
-    if "warmup_steps" not in given:
-        training_args.warmup_steps = _warmup_for(training_args, warmup_cap)
+    defaults = {"learning_rate": lr, "lr_scheduler_type": SchedulerType(schedule),
+                "warmup_steps": _warmup_for(training_args, warmup_cap)}
+    for key, value in defaults.items():
+        if key not in given:
+            setattr(training_args, key, value)
     warmup = training_args.warmup_steps
-    rows.append(("warm-up", f"{warmup:.0%} of the run" if 0 < warmup < 1 else
-                 f"{int(warmup)} step{'s' if int(warmup) != 1 else ''}",
-                 "given" if "warmup_steps" in given else f"default: {warmup_cap} steps, at most a tenth of the run"))
-    return rows
+    warmup_text = f"{warmup:.0%} of the run" if 0 < warmup < 1 else f"{int(warmup)} step{'s' * (int(warmup) != 1)}"
+    return [("learning rate", training_args.learning_rate, _source("learning_rate", given, source)),
+            ("lr schedule", SchedulerType(training_args.lr_scheduler_type).value,
+             _source("lr_scheduler_type", given)),
+            ("warm-up", warmup_text,
+             _source("warmup_steps", given, f"default: {warmup_cap} steps, at most a tenth of the run"))]
+
+
+def _source(key: str, given: set[str], default: str = "default") -> str:
+    return "given" if key in given else default
 
 
 def _log_settings(rows: list[tuple[str, object, str]], training_args) -> None:
@@ -291,11 +279,12 @@ def _log_settings(rows: list[tuple[str, object, str]], training_args) -> None:
 
 
 def _resolve_train(model_args: ModelArguments, data_args: DataArguments, training_args,
-                   given: set[str] | None) -> list[tuple[str, object, str]]:
+                   given: set[str] | None) -> tuple[list[tuple[str, object, str]], object]:
     """Fill what the command line left open, so that `dlm train` trains: the variant and the tokenizer (from
     --init_from's checkpoint, else duo and, for --dataset builtin only, the built-in BPE), the optimisation (from
     scratch: the papers' 3e-4, constant after a warm-up; with --init_from: the checkpoint's recorded settings) and,
-    with --init_from, its sequence length. `given=None` (a call from Python) changes nothing but the variant."""
+    with --init_from, its sequence length. `given=None` (a call from Python) changes nothing but the variant.
+    Returns the rows to log and --init_from's config (None without it)."""
     from trainers.model_card import TRAINING_RECORD
 
     record, config = {}, None
@@ -307,20 +296,21 @@ def _resolve_train(model_args: ModelArguments, data_args: DataArguments, trainin
                 record = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} is not valid JSON: {err}") from None
-    checkpoint = f"--init_from {model_args.init_from}"
+    checkpoint = f"from --init_from {model_args.init_from}"
     rows = []
     if model_args.variant is None:
         model_args.variant = ("ar" if config.model_type == "llama" else config.model_type) if config else "duo"
-        rows.append(("variant", model_args.variant, "from " + checkpoint if config else "default"))
+        rows.append(("variant", model_args.variant, checkpoint if config else "default"))
     else:
         rows.append(("variant", model_args.variant, "given"))
     if config is not None:
-        rows.append(("model", f"{checkpoint} ({config.model_type}, vocab {config.vocab_size})", "given"))
+        rows.append(("model", f"--init_from {model_args.init_from} ({config.model_type}, vocab {config.vocab_size})",
+                     "given"))
     else:
         rows.append(("model", model_args.config or f"hub_configs size {model_args.size or 'tiny'}",
                      "given" if model_args.config or model_args.size else "default"))
     if given is None:
-        return rows
+        return rows, config
     if model_args.tokenizer is not None:
         rows.append(("tokenizer", model_args.tokenizer, "given"))
     elif config is not None:
@@ -333,48 +323,53 @@ def _resolve_train(model_args: ModelArguments, data_args: DataArguments, trainin
         raise ValueError(f"--dataset {data_args.dataset} needs --tokenizer: a tokenizer name or folder (e.g. gpt2), "
                          "'train' to train a byte-level BPE on this dataset, or 'builtin' for dlm's BPE, which was "
                          "trained on Python's documentation")
-    rows.append(("dataset", f"{data_args.dataset} (--task {data_args.task})", "given" if "dataset" in given
-                 else "default"))
+    rows.append(("dataset", f"{data_args.dataset} (--task {data_args.task})", _source("dataset", given)))
     for key in ("seq_len", "mode"):
-        if key not in given and key in record:
+        from_record = key not in given and key in record
+        if from_record:
             setattr(data_args, key, record[key])
-            rows.append((key.replace("_", " "), record[key], "from " + checkpoint))
-        else:
-            rows.append((key.replace("_", " "), getattr(data_args, key), "given" if key in given else "default"))
+        rows.append((key.replace("_", " "), getattr(data_args, key),
+                     checkpoint if from_record else _source(key, given)))
     if config is not None and record.get("learning_rate") is not None:
         rows += _resolve_schedule(training_args, given, lr=record["learning_rate"],
                                   schedule=record.get("lr_scheduler_type", SCRATCH_SCHEDULE),
-                                  warmup_cap=SCRATCH_WARMUP, source=f"from {checkpoint}/{TRAINING_RECORD}")
+                                  warmup_cap=SCRATCH_WARMUP, source=f"{checkpoint}/{TRAINING_RECORD}")
     else:
-        source = "default for training from scratch (MDLM/Duo/UDLM: AdamW 3e-4, constant after warm-up)"
-        if config is not None:
-            source = f"no {TRAINING_RECORD} in --init_from: the papers' 3e-4"
+        source = f"no {TRAINING_RECORD} in --init_from: the papers' 3e-4" if config is not None else \
+            "default for training from scratch (MDLM/Duo/UDLM: AdamW 3e-4, constant after warm-up)"
         rows += _resolve_schedule(training_args, given, lr=SCRATCH_LR, schedule=SCRATCH_SCHEDULE,
                                   warmup_cap=SCRATCH_WARMUP, source=source)
     steps = training_args.max_steps if training_args.max_steps > 0 else f"{training_args.num_train_epochs} epochs"
-    rows.append(("steps", steps, "given" if {"max_steps", "num_train_epochs"} & given else "default"))
-    rows.append(("EMA decay", getattr(training_args, "ema_decay", 0.0) or "off",
-                 "given" if "ema_decay" in given else "default"))
-    rows.append(("seed", training_args.seed, "given" if "seed" in given else "default"))
-    rows.append(("output dir", training_args.output_dir, "given" if "output_dir" in given else "default"))
-    return rows
+    rows += [("steps", steps, "given" if {"max_steps", "num_train_epochs"} & given else "default"),
+             ("EMA decay", getattr(training_args, "ema_decay", 0.0) or "off", _source("ema_decay", given)),
+             ("seed", training_args.seed, _source("seed", given)),
+             ("output dir", training_args.output_dir, _source("output_dir", given))]
+    return rows, config
 
 
 # ---- train ----------------------------------------------------------------------------------------------------------
-def _train_parser():
-    from trainers import DiffusionTrainingArguments
+def _parse_training_command(prog: str, dataclass_types: tuple, argv: list[str]) -> tuple | None:
+    """The dataclasses of a command whose flags end with `DiffusionTrainingArguments` (train, distill); None after
+    printing its (cached) `--help`."""
 
-    parser = _hf_parser(ModelArguments, DataArguments, LoraArguments, DiffusionTrainingArguments)
-    parser.prog = "dlm train"
-    return parser
+    def parser():
+        from trainers import DiffusionTrainingArguments
+
+        built = _hf_parser(*dataclass_types, DiffusionTrainingArguments)
+        built.prog = prog
+        return built
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        _print_cached_help(prog, parser)
+        return None
+    return parser().parse_args_into_dataclasses(_default_to_cpu(argv))
 
 
 def cmd_train(argv: list[str]) -> int:
-    if _wants_help(argv):
-        _print_cached_help("dlm train", _train_parser)
+    parsed = _parse_training_command("dlm train", (ModelArguments, DataArguments, LoraArguments), argv)
+    if parsed is None:
         return 0
-    parser = _train_parser()
-    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
+    model_args, data_args, lora_args, training_args = parsed
     return train(model_args, data_args, training_args, lora_args, given=_given_flags(argv))
 
 
@@ -499,7 +494,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
     check_dataset_source(data_args.dataset)  # a missing file fails before anything is built
     _check_task(data_args)
     _check_lora_args(lora_args, model_args.variant, model_args, training_args)  # before a tokenizer is demanded
-    settings = _resolve_train(model_args, data_args, training_args, given)
+    settings, config = _resolve_train(model_args, data_args, training_args, given)
     variant = model_args.variant
     if variant not in VARIANT_NAMES:
         raise ValueError(f"--init_from {model_args.init_from} holds a {variant!r} model, not one of {VARIANT_NAMES}")
@@ -522,8 +517,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args,
                     data_args.dataset)
     else:
         tokenizer = _load_tokenizer(model_args.tokenizer, variant)
-    if model_args.init_from:  # check the checkpoint against --variant and the tokenizer before loading any data
-        config = load_config(model_args.init_from)
+    if config is not None:  # check the checkpoint against --variant and the tokenizer before loading any data
         expected = "llama" if variant == "ar" else variant
         if config.model_type != expected:
             raise ValueError(f"--init_from {model_args.init_from} is a {config.model_type!r} checkpoint but --variant "
@@ -979,28 +973,17 @@ class DistillArguments:
     teacher: str = field(metadata={"help": "Trained Duo checkpoint; the student starts from it."})
 
 
-def _distill_parser():
-    from trainers import DiffusionTrainingArguments
-
-    parser = _hf_parser(DistillArguments, DataArguments, DiffusionTrainingArguments)
-    parser.prog = "dlm distill"
-    return parser
-
-
 def cmd_distill(argv: list[str]) -> int:
-    if _wants_help(argv):
-        _print_cached_help("dlm distill", _distill_parser)
+    parsed = _parse_training_command("dlm distill", (DistillArguments, DataArguments), argv)
+    if parsed is None:
         return 0
+    distill_args, data_args, training_args = parsed
     from trainers import DuoDistillationTrainer
-
-    parser = _distill_parser()
-    distill_args, data_args, training_args = parser.parse_args_into_dataclasses(_default_to_cpu(argv))
     from trainers.data import check_dataset_source
 
     check_dataset_source(data_args.dataset)
     given = _given_flags(argv)
-    rows = [("teacher", distill_args.teacher, "given"), ("dataset", data_args.dataset,
-                                                       "given" if "dataset" in given else "default")]
+    rows = [("teacher", distill_args.teacher, "given"), ("dataset", data_args.dataset, _source("dataset", given))]
     rows += _resolve_schedule(training_args, given, lr=DISTILL_LR, schedule="constant_with_warmup",
                               warmup_cap=DISTILL_WARMUP,
                               source="default for DCD (distil_owt.sh: 6e-5, constant after warm-up)")
@@ -1071,7 +1054,7 @@ def cmd_quickstart(argv: list[str]) -> int:
         per_device_eval_batch_size=64, learning_rate=2e-3, warmup_steps=min(50, args.max_steps // 10),
         lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=max(1, args.max_steps // 10),
         eval_strategy="no", save_strategy="no", report_to=[], seed=args.seed, ema_decay=0.99,
-        use_cpu=_no_accelerator(), dataloader_num_workers=0,
+        use_cpu=not has_accelerator(), dataloader_num_workers=0,
     )
     trainer = DuoTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer)
