@@ -56,13 +56,16 @@ def test_mdlm_sft_through_the_cli_answers_far_above_chance(task, tmp_path):
     set_seed(0)  # the initial weights `dlm train --seed 0` starts from
     before = sft_accuracy(build_model("mdlm", tokenizer=tokenizer, seq_len=SEQ, **BODY), tokenizer, rows,
                           seq_len=SEQ, num_steps=16)
-    result = sft_train(task, "mdlm", 400, tmp_path / "mdlm")
+    # 1e-3, not the helper's 3e-3: at 3e-3 the run is on the edge of stability and whether it leaves the plateau at
+    # chance within 400 steps depends on the data order (seed 0 stalled at 0.18 token accuracy after a dependency
+    # update; 1e-3 reaches 0.82 with seed 0, and seed 1 at 3e-3 reaches 0.57)
+    result = sft_train(task, "mdlm", 400, tmp_path / "mdlm", "--learning_rate", "1e-3")
     metrics = last_json(result.stdout)
     assert metrics["eval_tokens"] == 150 * (SEQ - 6)  # response tokens only: 150 held-out rows, 6 prompt tokens
     model = load_model(str(tmp_path / "mdlm"), "cpu")
     after = sft_accuracy(model, load_tokenizer(str(tmp_path / "mdlm"), model), rows, seq_len=SEQ, num_steps=16)
     assert before["token_accuracy"] <= 0.2 and before["exact_match"] == 0.0
-    assert after["token_accuracy"] >= 0.35, after  # 3.5x chance at least (0.70 measured)
+    assert after["token_accuracy"] >= 0.35, after  # 3.5x chance at least (0.82 measured)
     assert after["exact_match"] >= 0.1, after  # chance: 0.001
 
     evaluated = last_json(run_dlm("eval", str(tmp_path / "mdlm"), "--task", "sft", "--dataset",
