@@ -1147,6 +1147,17 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"dlm {command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a launched run's process group before the interpreter exits: left to interpreter shutdown, gloo's
+    threads were once destroyed while still joinable ("terminate called without an active exception", SIGABRT after
+    a complete run)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
