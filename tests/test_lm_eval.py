@@ -12,8 +12,11 @@ import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import lm_eval  # noqa: E402  (a dev dependency: its absence fails here, never a skip)
@@ -31,6 +34,8 @@ from .conftest import SHARED_DATA, shared_data
 VARIANTS = ("sddlm", "duo", "mdlm", "replaid")
 SEQ, MC, SEED = 64, 4, 3
 CHOICES = ["World", "Sports", "Business", "Science"]
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -209,22 +214,26 @@ def test_bad_model_args_and_requests_are_value_errors(setup):
     assert lm_eval.api.registry.get_model("dlm") is DiffusionLMEval
 
 
-def test_readme_lm_eval_command_runs_the_local_tasks(setup, tmp_path):
-    """The README's `dlm lm-eval` command as written (the checkpoint path, --limit and --output_path added), from the
-    repository root: lm-eval's own CLI with the `dlm` model registered, over the task YAMLs in examples/lm_eval_tasks
-    that read ../shared/data."""
-    out, _, _ = setup
-    repo = Path(__file__).resolve().parents[1]
-    dlm = Path(sys.executable).with_name("dlm")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    readme = (repo / "README.md").read_text(encoding="utf-8")
-    block = re.search(r"```bash\n(dlm lm-eval --model dlm .*?)```", readme, flags=re.DOTALL).group(1)
+def _readme_lm_eval_argv(checkpoint, limit: str) -> list[str]:
+    """The README's `lm_eval --model dlm ...` block as argv, for `checkpoint` and `--limit limit`."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(lm_eval --model dlm .*?)```", readme, flags=re.DOTALL).group(1)
     argv = shlex.split(block.replace("\\\n", " "))
-    assert argv[:2] == ["dlm", "lm-eval"] and "pretrained=runs/zs/duo,mc_num=8" in argv and "--limit" in argv
-    argv = [a.replace("pretrained=runs/zs/duo,mc_num=8", f"pretrained={out / 'mdlm'},mc_num=2") for a in argv]
-    argv[argv.index("--limit") + 1] = "3"  # the README's 200 documents per task, cut for the test's time
-    result = subprocess.run([str(dlm), *argv[1:], "--output_path", str(tmp_path / "results")],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=repo)
+    assert argv[0] == "lm_eval" and "pretrained=runs/zs/duo,mc_num=8" in argv and "--limit" in argv
+    argv = [a.replace("pretrained=runs/zs/duo,mc_num=8", f"pretrained={checkpoint},mc_num=2") for a in argv]
+    argv[argv.index("--limit") + 1] = limit  # the README's 200 documents per task, cut for the test's time
+    return argv
+
+
+def test_readme_lm_eval_command_runs_the_local_tasks(setup, tmp_path):
+    """The README's plain `lm_eval --model dlm` command as written (the checkpoint path, --limit and --output_path
+    changed), from the repository root: lm-eval's own script, which finds `dlm` through the start-up hook that
+    installing dlm put in site-packages, over the task YAMLs in examples/lm_eval_tasks that read ../shared/data."""
+    out, _, _ = setup
+    argv = _readme_lm_eval_argv(out / "mdlm", "3")
+    lm_eval_script = Path(sys.executable).with_name("lm_eval")
+    result = subprocess.run([str(lm_eval_script), *argv[1:], "--output_path", str(tmp_path / "results")],
+                            capture_output=True, text=True, timeout=300, env=OFFLINE_ENV, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     files = list((tmp_path / "results").rglob("results_*.json"))
     assert len(files) == 1, result.stderr[-2000:]
@@ -236,3 +245,69 @@ def test_readme_lm_eval_command_runs_the_local_tasks(setup, tmp_path):
     assert 0.0 <= lambada["acc,none"] <= 1.0 and lambada["perplexity,none"] > 1
     assert results["dlm_wikitext2_local"]["bits_per_byte,none"] > 0
     assert "|dlm_ag_news_local" in result.stdout  # lm-eval's table
+
+
+def test_dlm_lm_eval_is_the_same_command_line(setup, tmp_path):
+    """`dlm lm-eval ARGS` (the README says it is the same command) on one task: the same scores as lm-eval's script
+    would give for the same seed; here it must run and report the `dlm` model."""
+    out, _, _ = setup
+    argv = _readme_lm_eval_argv(out / "mdlm", "2")
+    argv[argv.index("--tasks") + 1] = "dlm_ag_news_local"
+    dlm = Path(sys.executable).with_name("dlm")
+    result = subprocess.run([str(dlm), "lm-eval", *argv[1:], "--output_path", str(tmp_path / "results")],
+                            capture_output=True, text=True, timeout=300, env=OFFLINE_ENV, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (file,) = (tmp_path / "results").rglob("results_*.json")
+    report = json.loads(file.read_text())
+    assert report["config"]["model"] == "dlm" and 0.0 <= report["results"]["dlm_ag_news_local"]["acc,none"] <= 1.0
+
+
+def test_the_start_up_hook_registers_dlm_lazily_and_keeps_lm_evals_own_models():
+    """In a fresh interpreter of this environment: start-up imported nothing of dlm, torch or lm-eval; lm-eval's
+    registry then knows `dlm` (as the lazy hook entry) and its own `hf`; and importing trainers.lm_eval_dlm first no
+    longer hides lm-eval's own models (it once did: lm-eval fills its registry only while it is empty)."""
+    fresh = """
+import sys
+assert not {"trainers", "modeling_dlm", "torch", "lm_eval"} & set(sys.modules), sorted(sys.modules)
+assert "dlm_lm_eval_hook" in sys.modules
+from lm_eval.api.registry import get_model, model_registry
+import lm_eval.models
+assert "dlm" in model_registry and "trainers.lm_eval_dlm" not in sys.modules   # registered, not yet imported
+print(get_model("dlm").__module__, get_model("hf").__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, timeout=120,
+                            env=OFFLINE_ENV, cwd=tempfile.gettempdir())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["trainers.lm_eval_dlm", "HFLM"]
+    first = "import trainers.lm_eval_dlm\nfrom lm_eval.api.registry import get_model\nprint(get_model('hf').__name__)"
+    result = subprocess.run([sys.executable, "-c", first], capture_output=True, text=True, timeout=120,
+                            env=OFFLINE_ENV, cwd=tempfile.gettempdir())
+    assert result.returncode == 0 and result.stdout.split() == ["HFLM"], result.stderr[-3000:]
+
+
+def test_the_wheel_ships_the_hook_at_the_root_of_site_packages(tmp_path):
+    """A regular wheel built from the sources has `dlm_lm_eval.pth` at its root, and a site folder holding its files
+    runs the hook at start-up (site.addsitedir processes .pth files as site-packages does): the hook is loaded from
+    that folder's trainers/lm_eval_hook.py, its finder is first, and the package `trainers` itself is not imported."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for folder in ("modeling_dlm", "trainers", "hub_configs", "model_cards"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("dlm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert {"dlm_lm_eval.pth", "trainers/lm_eval_hook.py"} <= set(archive.namelist())
+        (line,) = archive.read("dlm_lm_eval.pth").decode().splitlines()
+        assert line.startswith("import ") and "lm_eval_hook.py" in line  # site runs lines that start with import
+        archive.extractall(tmp_path / "site")
+    probe = (f"import site, sys; site.addsitedir({str(tmp_path / 'site')!r}); import dlm_lm_eval_hook as hook; "
+             "print(hook.__file__, sys.meta_path[0] is hook._RegisterAfterLmEvalModels, 'trainers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=60,
+                            cwd=tmp_path)  # not the repository root, whose trainers/ would come first
+    assert result.returncode == 0 and not result.stderr, result.stderr[-3000:]
+    path, first, imported = result.stdout.split()
+    assert Path(path) == tmp_path / "site" / "trainers" / "lm_eval_hook.py" and first == "True" and imported == "False"

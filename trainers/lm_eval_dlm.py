@@ -3,11 +3,13 @@
     import lm_eval, trainers.lm_eval_dlm                       # the import registers "dlm"
     lm_eval.simple_evaluate(model="dlm", model_args="pretrained=DIR,mc_num=32,seed=0", tasks=[...])
 
-    dlm lm-eval --model dlm --model_args pretrained=DIR,mc_num=32 --tasks lambada_openai ...   # the lm_eval CLI
+    lm_eval --model dlm --model_args pretrained=DIR,mc_num=32 --tasks lambada_openai ...       # lm-eval's CLI
+    dlm lm-eval --model dlm --model_args pretrained=DIR,mc_num=32 --tasks lambada_openai ...   # the same
 
-lm-eval 0.4 finds models only in its own registry (it has no plugin entry points), so the name exists once this
-module is imported: `dlm lm-eval ...` (and `python -m trainers.lm_eval_dlm ...`) import it and then run lm-eval's own
-command line with the arguments as given.
+lm-eval 0.4 finds models only in its own registry (it has no plugin entry points). Installing dlm installs a start-up
+hook (`dlm_lm_eval.pth`, see `dlm_lm_eval_hook.py`) that registers `dlm` as a lazy placeholder whenever lm-eval
+fills its registry, so plain `lm_eval --model dlm` works; `dlm lm-eval ...` (and `python -m trainers.lm_eval_dlm ...`)
+import this module and then run lm-eval's own command line with the arguments as given, hook or not.
 
 What each request type computes (`DiffusionLMEval`):
 - `loglikelihood(context, continuation)`: minus the conditional NELBO of the continuation given the context, summed
@@ -40,6 +42,7 @@ import logging
 import os
 import sys
 
+import lm_eval.models  # noqa: F401  (fills the registry with lm-eval's own models first: see _register below)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -50,7 +53,6 @@ logger = logging.getLogger(__name__)
 LM_EVAL_DEFAULT_DEVICE = "cuda:0"
 
 
-@register_model("dlm")
 class DiffusionLMEval(LM):
     """A dlm checkpoint (SDDLM, Duo, RePlaid, MDLM) as an lm-eval `LM` (see the module docstring).
 
@@ -231,5 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# lm-eval imports `lm_eval.models` (its own models, as lazy placeholders) only while its registry is empty, so it is
+# imported above before "dlm" goes in: otherwise `--model hf` would vanish once this module is imported. When dlm's
+# start-up hook (dlm_lm_eval_hook.py) registered "dlm" as the placeholder "trainers.lm_eval_dlm:DiffusionLMEval",
+# this replaces it with the class. Run as `python -m trainers.lm_eval_dlm`, this file is `__main__`: it then imports
+# itself under its real name, which registers the one class lm-eval's placeholder names.
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainers.lm_eval_dlm import main as _main
+
+    sys.exit(_main())
+else:
+    register_model("dlm")(DiffusionLMEval)
