@@ -57,7 +57,9 @@ class DiffusionGenerationConfig(GenerationConfig):
             reference's).
         stop_at_eos: after sampling, the new tokens that follow the first generated `eos_token_id` become
             `pad_token_id` (EOS if there is none) in the returned ids, so a conditional model's answer ends at its EOS;
-            None (default) = on when the config has an `eos_token_id`. Appended tokens only (not infilling).
+            None (default) = on when the config has an `eos_token_id`. Appended tokens only (not infilling). Without
+            a prompt, when `bos_token_id` is also an EOS id (GPT-2-style tokenizers), the EOS tokens that open the
+            sample are its document start and do not stop it.
         block_size: semi-autoregressive decoding (None = off, the default): the generated region is split into
             blocks of `block_size` columns, decoded left to right with any sampler; each block is decoded with the
             earlier ones fixed as context and the later ones not yet in the canvas (the network sees the prefix up
@@ -395,7 +397,7 @@ class DiffusionLMGenerationMixin:
         its real (un-padded) positions, so a row of a left-padded batch samples exactly what it samples alone with its
         generator; `infill_mask` (B, L) bool marks positions of `input_ids` to fill instead of appending. With
         `stop_at_eos` (on when the generation config has an `eos_token_id`), new tokens after the first generated EOS
-        are returned as pad.
+        are returned as pad (without a prompt, leading EOS tokens that are also the BOS do not count).
         A `streamer` receives the prompt via `put`, each step's draft (the whole (1, L) canvas, prompt included) via
         `put_draft` (if it has it), the final new tokens via `put`, then `end()`; when infilling, the prompt is empty
         and the final `put` carries the whole canvas. `TextStreamer` prints the final text; `DraftStreamer` collects
@@ -443,8 +445,12 @@ class DiffusionLMGenerationMixin:
             self.train(was_training)
 
         if infill_mask is None and self._stops_at_eos(gen):
-            draft = pad_after_eos(draft, canvas.shape[1] - (gen.max_new_tokens or 0), gen.eos_token_id,
-                                  gen.pad_token_id)
+            start = canvas.shape[1] - (gen.max_new_tokens or 0)
+            # Unconditional, with BOS == EOS (GPT-2-style tokenizers): a leading EOS is the document's start
+            bos_is_eos = gen.bos_token_id is not None and gen.bos_token_id in torch.as_tensor(
+                gen.eos_token_id).reshape(-1).tolist()
+            draft = pad_after_eos(draft, start, gen.eos_token_id, gen.pad_token_id,
+                                  skip_leading=start == 0 and bos_is_eos)
         if streamer is not None:
             streamer.put(draft[:, prompt_len:].cpu())
             streamer.end()
@@ -753,14 +759,19 @@ def _batch_size(z) -> int:
                 if isinstance(getattr(z, f.name), torch.Tensor))
 
 
-def pad_after_eos(ids: torch.Tensor, start: int, eos_token_id, pad_token_id) -> torch.Tensor:
+def pad_after_eos(ids: torch.Tensor, start: int, eos_token_id, pad_token_id, skip_leading: bool = False
+                  ) -> torch.Tensor:
     """`ids` (B, L) with every position after the first EOS at or after `start` (the first new token) set to
-    `pad_token_id` (the first EOS id when None); the EOS itself and everything before `start` stay. No host sync:
-    the ids are config values, made tensors here."""
+    `pad_token_id` (the first EOS id when None); the EOS itself and everything before `start` stay. With
+    `skip_leading`, the EOS tokens that open the new tokens do not count (an unconditional sample whose tokenizer
+    uses one token as BOS and EOS starts with it: the start of a document, not its end). No host sync: the ids are
+    config values, made tensors here."""
     eos = torch.as_tensor(eos_token_id).reshape(-1)  # on the CPU: reading the pad id from it syncs nothing
     pad = int(eos[0]) if pad_token_id is None else int(torch.as_tensor(pad_token_id).reshape(-1)[0])
     new = ids[:, start:]
     is_eos = torch.isin(new, eos.to(ids.device))
+    if skip_leading:
+        is_eos = is_eos & ~is_eos.long().cumprod(-1).bool()  # (B, L') the run of EOS at the start is not a stop
     after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly before this position
     return torch.cat([ids[:, :start], new.masked_fill(after, pad)], dim=1)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +235,9 @@ def test_train_from_scratch_defaults_train_and_init_from_reuses_the_checkpoint(t
     assert rows["tokenizer"] == ("train", "given") and rows["seq len"] == ("64", "given")
     # the settings come first: before the data, the tokenizer and the model are built
     assert result.stderr.index("settings (") < result.stderr.index("trained a byte-level BPE tokenizer of")
+    # no log line twice (issue 21): fitting the tokenizer loads the dataset quietly, the training data logs it
+    logged = [line[9:] for line in result.stderr.splitlines() if re.match(r"\d\d:\d\d:\d\d \S+: ", line)]
+    assert sorted({line for line in logged if logged.count(line) > 1}) == [], result.stderr[-3000:]
     # an untrained model's bound is about log V; 30 steps at the defaults take it well below (6.45 against 6.93 on
     # the 2-core machine; transformers' 5e-5 reaches 6.77)
     assert last_json(result.stdout)["eval_nelbo"] < math.log(1024) - 0.3, result.stdout[-500:]
@@ -260,6 +265,14 @@ def test_quickstart_runs_offline_and_saves_a_loadable_checkpoint(tmp_path):
     summary = last_json(result.stdout)
     assert summary["nelbo"] < summary["nelbo_before"] <= summary["log_vocab"] + 0.5
     assert result.stdout.count("--- sample") == 2
+    # issue 21, item 7: early on, how long the rest takes here, and what a shorter run would take
+    eta = re.search(r"dlm: (\d+\.\d\d) s per step here: the remaining (\d+) steps and the final evaluation take "
+                    r"about (.+?)\. --max_steps 10 would take about (.+?); Ctrl-C saves a checkpoint and "
+                    r"`dlm quickstart --resume` continues it", result.stderr)
+    assert eta, result.stderr[-3000:]
+    assert float(eta.group(1)) > 0 and int(eta.group(2)) == 30 - 5  # logged at the end of step 5 (steps 2-5 timed)
+    assert re.fullmatch(r"\d+ s|\d+ min \d\d s", eta.group(3)) and re.fullmatch(r"\d+ s|\d+ min \d\d s", eta.group(4))
+    assert summary["python"] == platform.python_version() and re.fullmatch(r"[0-9a-f]{16}", summary["corpus"])
     model = AutoModel.from_pretrained(out, trust_remote_code=True)
     assert type(model).__name__ == "DuoForDiffusionLM"
     ids = model.generate(batch_size=1, max_new_tokens=8, num_steps=2, generator=torch.Generator().manual_seed(0))

@@ -291,6 +291,29 @@ def test_gradient_accumulation_weighs_every_response_token_equally(tmp_path):
 
 
 # ---- generation -----------------------------------------------------------------------------------------------------
+def test_unconditional_samples_are_not_cut_at_a_leading_bos_that_is_also_eos():
+    """GPT-2-style tokenizers use one token as BOS and EOS, and a wrap-trained model opens a sample with it: that is
+    the document's start, so without a prompt the run of leading EOS tokens does not stop the sample (the quickstart
+    once printed empty samples); the first EOS after them still does. With a prompt, an immediate EOS still ends."""
+    ids = torch.tensor([[5, 5, 1, 2, 5, 3, 4], [5, 1, 5, 2, 2, 2, 2], [1, 2, 3, 5, 4, 4, 4]])
+    assert pad_after_eos(ids, 0, 5, 6, skip_leading=True).tolist() == [
+        [5, 5, 1, 2, 5, 6, 6], [5, 1, 5, 6, 6, 6, 6], [1, 2, 3, 5, 6, 6, 6]]
+    assert pad_after_eos(ids, 0, 5, 6).tolist()[0] == [5, 6, 6, 6, 6, 6, 6]
+    model = tiny_model("duo", eos_token_id=5, pad_token_id=6, bos_token_id=5)
+    config = model.generation_config
+    config.eos_token_id, config.pad_token_id, config.bos_token_id = 5, 6, 5
+    with torch.no_grad():  # EOS likely everywhere, so that rows open with one
+        model.backbone.output_layer.linear.bias[5] += 6.0
+    raw = model.generate(batch_size=6, max_new_tokens=12, num_steps=4, generator=gen(1), stop_at_eos=False)
+    out = model.generate(batch_size=6, max_new_tokens=12, num_steps=4, generator=gen(1))
+    assert torch.equal(out, pad_after_eos(raw, 0, 5, 6, skip_leading=True))
+    assert bool((raw[:, 0] == 5).any()) and not torch.equal(out, pad_after_eos(raw, 0, 5, 6))  # not cut there
+    prompt = torch.tensor([[5, 1, 2]] * 6)
+    raw = model.generate(input_ids=prompt, max_new_tokens=12, num_steps=4, generator=gen(1), stop_at_eos=False)
+    out = model.generate(input_ids=prompt, max_new_tokens=12, num_steps=4, generator=gen(1))
+    assert torch.equal(out, pad_after_eos(raw, 3, 5, 6))
+
+
 def test_stop_at_eos_pads_after_the_first_generated_eos():
     model = tiny_model("duo", eos_token_id=5, pad_token_id=6)
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = 5, 6

@@ -223,12 +223,16 @@ class ETACallback(TrainerCallback):
     device sync.
 
     `extra_seconds`: time the caller will spend after training (evaluation, sampling), added to the estimate.
+    `log`: the logger the line goes to (default: this module's; the `dlm` command passes its own, so the line reads
+    like its other lines).
     """
 
-    def __init__(self, probe_steps: int = 4, hint: str = "", extra_seconds: float = 0.0):
+    def __init__(self, probe_steps: int = 4, hint: str = "", extra_seconds: float = 0.0,
+                 log: logging.Logger | None = None):
         if probe_steps < 1:
             raise ValueError(f"probe_steps must be >= 1, got {probe_steps}")
         self.probe_steps, self.hint, self.extra_seconds = probe_steps, hint, extra_seconds
+        self.log = log or logger
         self._start: float | None = None
         self._first_step: int | None = None
         self.estimate: float | None = None  # seconds left when the line was logged
@@ -247,7 +251,7 @@ class ETACallback(TrainerCallback):
         per_step = (time.perf_counter() - self._start) / done
         self.estimate = per_step * (state.max_steps - state.global_step) + self.extra_seconds
         hint = self.hint(per_step) if callable(self.hint) else self.hint
-        logger.info("%.2f s per step here: the remaining %d steps%s take about %s%s", per_step,
+        self.log.info("%.2f s per step here: the remaining %d steps%s take about %s%s", per_step,
                     state.max_steps - state.global_step, " and the final evaluation" if self.extra_seconds else "",
                     duration(self.estimate), f". {hint}" if hint else "")
 

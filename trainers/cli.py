@@ -1072,7 +1072,8 @@ def cmd_quickstart(argv: list[str]) -> int:
         return (f"--max_steps {shorter} would take about {duration(per_step * shorter + 2 * eval_seconds)}; Ctrl-C "
                 f"saves a checkpoint and `dlm quickstart --resume` continues it")
 
-    trainer.add_callback(ETACallback(hint=eta_hint, extra_seconds=2 * eval_seconds))  # + evaluation and sampling
+    # + evaluation and sampling
+    trainer.add_callback(ETACallback(hint=eta_hint, extra_seconds=2 * eval_seconds, log=logger))
     if _run_training(trainer, training_args, resume=True if args.resume else None, resume_hint=hint):
         return 130  # interrupted: a complete checkpoint was saved
     metrics = trainer.evaluate()

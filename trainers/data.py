@@ -14,6 +14,7 @@ everything works fully offline.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -280,7 +281,27 @@ def dataset_tokenizer(name_or_path: str, config_name: str | None = None, *, voca
                       cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer like ``builtin_tokenizer``'s, trained on the train split of ``name_or_path`` (its
     ``text_column``; with ``sft``, the prompts and responses), cached under the same key scheme (`dlm train
-    --tokenizer train`)."""
+    --tokenizer train`). Loading the data logs nothing here: the caller loads it again to train on and logs it then,
+    so each of those lines appears once."""
+    with _logs_quieted():
+        texts = _tokenizer_texts(name_or_path, config_name, text_column, sft)
+    if not texts:
+        raise ValueError(f"dataset {name_or_path!r} has no text to train a tokenizer on")
+    return _cached_bpe(texts, vocab_size, "dataset", cache_dir)
+
+
+@contextlib.contextmanager
+def _logs_quieted():
+    """This module's INFO lines off for the block (warnings and errors still show)."""
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _tokenizer_texts(name_or_path: str, config_name: str | None, text_column: str, sft: bool) -> list[str]:
     if sft:
         train = load_sft_dataset(name_or_path, config_name)["train"]
         if sft_columns(train.column_names, name_or_path) == "messages":
@@ -292,9 +313,7 @@ def dataset_tokenizer(name_or_path: str, config_name: str | None = None, *, voca
     else:
         train = load_text_dataset(name_or_path, config_name, text_column=text_column)["train"]
         texts = [text for text in train[text_column] if isinstance(text, str) and text.strip()]
-    if not texts:
-        raise ValueError(f"dataset {name_or_path!r} has no text to train a tokenizer on")
-    return _cached_bpe(texts, vocab_size, "dataset", cache_dir)
+    return texts
 
 
 def _cached_bpe(texts: list[str], vocab_size: int, label: str,
