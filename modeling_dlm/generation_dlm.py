@@ -447,10 +447,8 @@ class DiffusionLMGenerationMixin:
         if infill_mask is None and self._stops_at_eos(gen):
             start = canvas.shape[1] - (gen.max_new_tokens or 0)
             # Unconditional, with BOS == EOS (GPT-2-style tokenizers): a leading EOS is the document's start
-            bos_is_eos = gen.bos_token_id is not None and gen.bos_token_id in torch.as_tensor(
-                gen.eos_token_id).reshape(-1).tolist()
             draft = pad_after_eos(draft, start, gen.eos_token_id, gen.pad_token_id,
-                                  skip_leading=start == 0 and bos_is_eos)
+                                  skip_leading=start == 0 and _bos_is_eos(gen))
         if streamer is not None:
             streamer.put(draft[:, prompt_len:].cpu())
             streamer.end()
@@ -507,18 +505,20 @@ class DiffusionLMGenerationMixin:
 
             z = self._decode_block(process, z, out[:, :end], width_given, gen, block_generator, budget, state, emit)
             out = process.tokens(z) if end == L else torch.cat([process.tokens(z), out[:, end:]], dim=1)
-            if stop_ids is not None and end < L and bool(torch.isin(out[:, stop_ids[1]:end], stop_ids[0])
-                                                         .any(-1).all()):
+            if stop_ids is not None and end < L and bool(_eos_stops(out[:, stop_ids[1]:end], stop_ids[0],
+                                                                    stop_ids[2]).any(-1).all()):
                 break  # every row has generated EOS: the later blocks would be padding
         state["mask"] = mask
         return out, trajectory, state
 
     def _block_stop_ids(self, gen, given):
-        """(EOS ids tensor, first generated column) when semi-AR blocks may stop at EOS, else None."""
+        """(EOS ids tensor, first generated column, whether a leading EOS run is a document start rather than a stop)
+        when semi-AR blocks may stop at EOS, else None."""
         if gen.block_size is None or not self._stops_at_eos(gen):
             return None
         first = int(given.long().sum(-1).min())  # appended generation: every row's prompt spans this many columns
-        return torch.as_tensor(gen.eos_token_id, device=given.device).reshape(-1), first
+        return torch.as_tensor(gen.eos_token_id, device=given.device).reshape(-1), first, \
+            first == 0 and _bos_is_eos(gen)
 
     def _decode_block(self, process, z, x0, given, gen, generator, num_steps, state, emit):
         """Up to `num_steps` iterations on the canvas prefix z (B, W): the network on the rows still running, then
@@ -759,6 +759,18 @@ def _batch_size(z) -> int:
                 if isinstance(getattr(z, f.name), torch.Tensor))
 
 
+def _bos_is_eos(gen: DiffusionGenerationConfig) -> bool:
+    """Whether the config's BOS id is one of its EOS ids (GPT-2-style tokenizers: one token for both)."""
+    return gen.bos_token_id is not None and gen.bos_token_id in torch.as_tensor(gen.eos_token_id).reshape(-1).tolist()
+
+
+def _eos_stops(new: torch.Tensor, eos: torch.Tensor, skip_leading: bool) -> torch.Tensor:
+    """(B, L') bool: the EOS positions of the new tokens `new` that end a sample; with `skip_leading`, not the run of
+    EOS that opens it (a document's start when BOS is EOS)."""
+    is_eos = torch.isin(new, eos.to(new.device))
+    return is_eos & ~is_eos.long().cumprod(-1).bool() if skip_leading else is_eos
+
+
 def pad_after_eos(ids: torch.Tensor, start: int, eos_token_id, pad_token_id, skip_leading: bool = False
                   ) -> torch.Tensor:
     """`ids` (B, L) with every position after the first EOS at or after `start` (the first new token) set to
@@ -769,9 +781,7 @@ def pad_after_eos(ids: torch.Tensor, start: int, eos_token_id, pad_token_id, ski
     eos = torch.as_tensor(eos_token_id).reshape(-1)  # on the CPU: reading the pad id from it syncs nothing
     pad = int(eos[0]) if pad_token_id is None else int(torch.as_tensor(pad_token_id).reshape(-1)[0])
     new = ids[:, start:]
-    is_eos = torch.isin(new, eos.to(ids.device))
-    if skip_leading:
-        is_eos = is_eos & ~is_eos.long().cumprod(-1).bool()  # (B, L') the run of EOS at the start is not a stop
+    is_eos = _eos_stops(new, eos, skip_leading)  # (B, L')
     after = (is_eos.cumsum(-1) - is_eos.long()) > 0  # an EOS strictly before this position
     return torch.cat([ids[:, :start], new.masked_fill(after, pad)], dim=1)
 

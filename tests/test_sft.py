@@ -308,6 +308,11 @@ def test_unconditional_samples_are_not_cut_at_a_leading_bos_that_is_also_eos():
     out = model.generate(batch_size=6, max_new_tokens=12, num_steps=4, generator=gen(1))
     assert torch.equal(out, pad_after_eos(raw, 0, 5, 6, skip_leading=True))
     assert bool((raw[:, 0] == 5).any()) and not torch.equal(out, pad_after_eos(raw, 0, 5, 6))  # not cut there
+    # semi-AR blocks stop early only when every row has ended, by the same rule
+    raw = model.generate(batch_size=6, max_new_tokens=12, num_steps=6, block_size=4, generator=gen(2),
+                         stop_at_eos=False)
+    out = model.generate(batch_size=6, max_new_tokens=12, num_steps=6, block_size=4, generator=gen(2))
+    assert torch.equal(out, pad_after_eos(raw, 0, 5, 6, skip_leading=True))
     prompt = torch.tensor([[5, 1, 2]] * 6)
     raw = model.generate(input_ids=prompt, max_new_tokens=12, num_steps=4, generator=gen(1), stop_at_eos=False)
     out = model.generate(input_ids=prompt, max_new_tokens=12, num_steps=4, generator=gen(1))
