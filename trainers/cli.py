@@ -1140,25 +1140,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlm: error: unknown command {command!r}; choose from {', '.join(COMMANDS)} (see `dlm --help`)",
               file=sys.stderr)
         return 2
+    launched = False
     try:
-        return COMMANDS[command][0](rest)
+        code = COMMANDS[command][0](rest)
     except (ValueError, TypeError, OSError, NotImplementedError, KeyError, FloatingPointError, ImportError) as err:
         if debug:
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"dlm {command}: error: {message}", file=sys.stderr)
-        return 2
+        code = 2
     finally:
-        _close_process_group()
+        launched = _close_process_group()
+    if launched and "TORCHELASTIC_RUN_ID" in os.environ:
+        # A worker of torchrun / accelerate launch whose command finished: its output is written and its files
+        # saved. Interpreter finalization can still abort it (SIGABRT, "terminate called without an active
+        # exception": gloo worker threads holding tensors while Python is torn down, even after
+        # destroy_process_group; a known torch problem), which fails the whole job. So it leaves without it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
-def _close_process_group() -> None:
-    """Tear down a launched run's process group before the interpreter exits: left to interpreter shutdown, gloo's
-    threads were once destroyed while still joinable ("terminate called without an active exception", SIGABRT after
-    a complete run)."""
+def _close_process_group() -> bool:
+    """Tear down a launched run's process group before the interpreter exits (left to interpreter shutdown, gloo's
+    threads were destroyed while still joinable). True when there was one."""
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
         distributed.destroy_process_group()
+        return True
+    return False
 
 
 if __name__ == "__main__":
