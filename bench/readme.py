@@ -125,7 +125,7 @@ def missing_lines(shown: list[str], produced: list[str]) -> list[str]:
 def readme_torchrun(text: str) -> tuple[list[str], list[str]]:
     """The README's `torchrun ... dlm train` block: the command (argv) and its output lines."""
     block = output_block_after(text, "Real output, 2 processes (gloo) on the 2-core CPU machine:")
-    command, output, lines = [], [], block.splitlines()
+    command, lines = [], block.splitlines()
     while lines and (not command or command[-1].endswith("\\")):
         command.append(lines.pop(0))
     output = [line for line in lines if line.strip()]
@@ -140,8 +140,7 @@ def run_torchrun(folder: Path, argv: list[str]) -> list[str]:
     argv = [which if a == "$(which" else a for a in argv[1:] if a != "dlm)"]
     argv[0] = str(Path(sys.executable).with_name("torchrun"))  # this environment's
     argv[argv.index("--output_dir") + 1] = str(folder / "duo-ddp")
-    result = subprocess.run(argv, cwd=REPO, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=900)
+    result = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"torchrun dlm train failed:\n{result.stderr[-3000:]}")
     return [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]

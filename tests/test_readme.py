@@ -34,12 +34,8 @@ def bench_readme():
 
 def python_blocks(section: str) -> list[str]:
     """The ```python blocks under the README heading `section` (up to the next heading of the same level)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    level = section.split(" ", 1)[0]
-    start = text.index(section + "\n")
-    following = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(section):], flags=re.MULTILINE)
-    body = text[start: start + len(section) + following.start()] if following else text[start:]
-    return re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
+    figures = bench_readme()
+    return re.findall(r"```python\n(.*?)```", figures.section(figures.readme(), section), flags=re.DOTALL)
 
 
 def test_readme_python_snippets_run_as_written(tmp_path):
